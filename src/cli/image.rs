@@ -1,0 +1,84 @@
+//! `reprovm image build|import|fetch|list|verify`.
+
+use crate::cli::{parse_pin, Error, ImageCommand};
+use crate::image::build::{build_image, BuildOptions};
+use crate::image::fetch::fetch_image;
+use crate::image::{Store, StoreError};
+use crate::Exit;
+
+/// Runs one `image` subcommand; blocking work goes to a blocking thread.
+pub async fn run(cmd: ImageCommand) -> Result<Exit, Error> {
+    tokio::task::spawn_blocking(move || run_blocking(cmd)).await.expect("image command thread panicked")
+}
+
+fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
+    let store = Store::from_env()?;
+    match cmd {
+        ImageCommand::Build { recipe_dir, out, mirror } => {
+            let image = build_image(&recipe_dir, &BuildOptions { out, mirror }, &store)?;
+            tracing::info!("image {} ({} bytes) is in the store", image.pin, image.size);
+            println!("{}", image.pin);
+        }
+        ImageCommand::Import { file, sha256 } => {
+            let expected = sha256.as_deref().map(|v| parse_pin("--sha256", v)).transpose()?;
+            let image = store.import(&file, expected)?;
+            println!("{}", image.pin);
+        }
+        ImageCommand::Fetch { url, sha256 } => {
+            let expected = parse_pin("--sha256", &sha256)?;
+            let image = fetch_image(&url, expected, &store)?;
+            println!("{}", image.pin);
+        }
+        ImageCommand::List => {
+            println!("{:<71}  {:>10}  {:<10}  {:<24}  DISTRIBUTION", "PIN", "SIZE", "DATE", "RECIPE");
+            for image in store.list()? {
+                let meta = &image.layout.metadata;
+                let date = time::OffsetDateTime::from_unix_timestamp(meta.source_date_epoch)
+                    .map(|d| d.date().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                println!(
+                    "{:<71}  {:>10}  {:<10}  {:<24}  {} {}",
+                    image.pin.to_string(),
+                    human_size(image.size),
+                    date,
+                    meta.name,
+                    meta.distribution,
+                    meta.architecture
+                );
+            }
+        }
+        ImageCommand::Verify { pin } => {
+            let pins = match pin {
+                Some(p) => vec![parse_pin("PIN", &p)?],
+                None => store.list()?.into_iter().map(|i| i.pin).collect(),
+            };
+            let mut corrupt = 0;
+            for pin in pins {
+                match store.open_verified(pin) {
+                    Ok(_) => println!("ok       {pin}"),
+                    Err(e @ StoreError::PinMismatch { .. }) => {
+                        corrupt += 1;
+                        println!("CORRUPT  {pin}");
+                        crate::cli::report(&e);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if corrupt > 0 {
+                return Err(Error::Corrupt { count: corrupt });
+            }
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}

@@ -1,0 +1,298 @@
+//! The content-addressed image store: `$XDG_CACHE_HOME/reprovm/images/<hex>/bundle.img`.
+//! Entries appear atomically (written and verified in a private temporary
+//! directory, then renamed into place), are read-only once there, and every
+//! boot goes through [`Store::open_verified`], which re-hashes the bytes.
+
+use std::fs::{self, File, Permissions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::image::bundle::{self, BundleError, BundleLayout};
+use crate::image::pin::{hash_file, hash_reader, Pin};
+use crate::Exit;
+
+/// File name of the bundle inside a store entry.
+const BUNDLE_FILE: &str = "bundle.img";
+/// Prefix of in-progress imports (never read as entries).
+const INCOMING_PREFIX: &str = ".incoming-";
+
+/// A failure of the image store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Neither XDG_CACHE_HOME nor HOME is set.
+    #[error("cannot locate the image store: set XDG_CACHE_HOME or HOME")]
+    NoCacheDir,
+    /// A file or directory of the store (or an input) could not be used.
+    #[error("cannot {action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The bytes do not hash to the pin they were given.
+    #[error("{what} does not match its pin: expected {expected}, actual {actual}")]
+    PinMismatch {
+        /// What was hashed (a file path or URL).
+        what: String,
+        /// The pin it was supposed to have.
+        expected: Pin,
+        /// What it hashes to.
+        actual: Pin,
+    },
+    /// The file is not a well-formed bundle.
+    #[error("{path} is not a usable reprovm image bundle")]
+    Bundle {
+        /// The bundle path.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: BundleError,
+    },
+    /// No store entry has this pin.
+    #[error("image {pin} is not in the store ({root}); build it with `reprovm image build`, or add it with `reprovm image import` or `reprovm image fetch`")]
+    NotFound {
+        /// The pin asked for.
+        pin: Pin,
+        /// The store directory.
+        root: PathBuf,
+    },
+}
+
+impl StoreError {
+    /// The process exit code for this error.
+    pub fn exit(&self) -> Exit {
+        match self {
+            StoreError::PinMismatch { .. } => Exit::PinMismatch,
+            _ => Exit::Usage,
+        }
+    }
+
+    fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+        move |source| StoreError::Io { action, path: path.to_path_buf(), source }
+    }
+}
+
+/// A bundle in the store.
+#[derive(Clone, Debug)]
+pub struct StoredImage {
+    /// Its pin (the SHA-256 of the bundle file).
+    pub pin: Pin,
+    /// The bundle file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it entered the store.
+    pub added: SystemTime,
+    /// Its table of contents and metadata.
+    pub layout: BundleLayout,
+}
+
+/// The image store rooted at one directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// The store at `$XDG_CACHE_HOME/reprovm/images` (default `~/.cache/reprovm/images`).
+    pub fn from_env() -> Result<Store, StoreError> {
+        let cache = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty()).ok_or(StoreError::NoCacheDir)?)
+                .join(".cache"),
+        };
+        Ok(Store::at(cache.join("reprovm").join("images")))
+    }
+
+    /// The store rooted at `root`.
+    pub fn at(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    /// The store directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn entry_dir(&self, pin: &Pin) -> PathBuf {
+        self.root.join(pin.hex())
+    }
+
+    /// Adds the bundle file at `file`; see [`Store::import_reader`].
+    pub fn import(&self, file: &Path, expected: Option<Pin>) -> Result<StoredImage, StoreError> {
+        let reader = File::open(file).map_err(StoreError::io("open", file))?;
+        self.import_reader(reader, &file.display().to_string(), expected, |_| {})
+    }
+
+    /// Copies a bundle from `reader` into the store, hashing as it goes.
+    /// With `expected`, bytes that hash otherwise are refused; a malformed
+    /// bundle is refused too. Nothing enters the store unless both checks pass,
+    /// and two processes importing the same bundle at once leave one entry.
+    /// `progress` is told the bytes copied so far.
+    pub fn import_reader(
+        &self,
+        reader: impl Read,
+        what: &str,
+        expected: Option<Pin>,
+        mut progress: impl FnMut(u64),
+    ) -> Result<StoredImage, StoreError> {
+        fs::create_dir_all(&self.root).map_err(StoreError::io("create the store directory", &self.root))?;
+        let incoming = tempfile::Builder::new()
+            .prefix(INCOMING_PREFIX)
+            .tempdir_in(&self.root)
+            .map_err(StoreError::io("create a temporary directory in", &self.root))?;
+        let tmp_bundle = incoming.path().join(BUNDLE_FILE);
+        let mut out = File::create(&tmp_bundle).map_err(StoreError::io("create", &tmp_bundle))?;
+        let mut copied = 0u64;
+        let (actual, _) = hash_reader(reader, |chunk| {
+            out.write_all(chunk)?;
+            copied += chunk.len() as u64;
+            progress(copied);
+            Ok(())
+        })
+        .map_err(StoreError::io("copy the bundle into", &tmp_bundle))?;
+        out.sync_all().map_err(StoreError::io("sync", &tmp_bundle))?;
+        drop(out);
+        if let Some(expected) = expected {
+            if expected != actual {
+                return Err(StoreError::PinMismatch { what: what.to_string(), expected, actual });
+            }
+        }
+        bundle::read_layout(&tmp_bundle).map_err(|source| StoreError::Bundle { path: PathBuf::from(what), source })?;
+        fs::set_permissions(&tmp_bundle, Permissions::from_mode(0o444)).map_err(StoreError::io("make read-only", &tmp_bundle))?;
+
+        let entry = self.entry_dir(&actual);
+        if !entry.exists() {
+            match fs::rename(incoming.path(), &entry) {
+                Ok(()) => {
+                    // The entry is in place: the temporary directory is gone.
+                    let _ = incoming.keep();
+                    fs::set_permissions(&entry, Permissions::from_mode(0o555))
+                        .map_err(StoreError::io("make read-only", &entry))?;
+                }
+                // Another process put the same bundle in place first: keep theirs.
+                Err(e) if entry.exists() => tracing::debug!("{} appeared concurrently: {e}", entry.display()),
+                Err(e) => return Err(StoreError::io("move the bundle into", &entry)(e)),
+            }
+        }
+        self.stored(actual)
+    }
+
+    /// The entry for `pin` as it is on disk, without re-hashing.
+    fn stored(&self, pin: Pin) -> Result<StoredImage, StoreError> {
+        let path = self.entry_dir(&pin).join(BUNDLE_FILE);
+        let meta = match fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound { pin, root: self.root.clone() })
+            }
+            Err(e) => return Err(StoreError::io("read", &path)(e)),
+        };
+        let layout = bundle::read_layout(&path).map_err(|source| StoreError::Bundle { path: path.clone(), source })?;
+        let added = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(StoredImage { pin, size: meta.len(), added, layout, path })
+    }
+
+    /// Every entry in the store, sorted by pin. Directories that are not
+    /// entries (in-progress imports, stray files) are skipped.
+    pub fn list(&self) -> Result<Vec<StoredImage>, StoreError> {
+        let dir = match fs::read_dir(&self.root) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("read", &self.root)(e)),
+        };
+        let mut pins = Vec::new();
+        for entry in dir {
+            let entry = entry.map_err(StoreError::io("read", &self.root))?;
+            if let Some(pin) = entry.file_name().to_str().and_then(|n| n.parse::<Pin>().ok()) {
+                pins.push(pin);
+            }
+        }
+        pins.sort();
+        pins.into_iter().map(|pin| self.stored(pin)).collect()
+    }
+
+    /// Re-hashes the entry for `pin` and proves the bytes match it. This is
+    /// the one gate every boot passes: nothing is booted that fails it.
+    pub fn open_verified(&self, pin: Pin) -> Result<StoredImage, StoreError> {
+        let image = self.stored(pin)?;
+        let actual = hash_file(&image.path).map_err(StoreError::io("hash", &image.path))?;
+        if actual != pin {
+            return Err(StoreError::PinMismatch { what: image.path.display().to_string(), expected: pin, actual });
+        }
+        Ok(image)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::bundle::tests::sample_bundle;
+
+    #[test]
+    fn import_list_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = sample_bundle(dir.path(), b"rootfs");
+        let pin = hash_file(&bundle).unwrap();
+        let store = Store::at(dir.path().join("store"));
+        let stored = store.import(&bundle, Some(pin)).unwrap();
+        assert_eq!(stored.pin, pin);
+        assert_eq!(fs::metadata(&stored.path).unwrap().permissions().mode() & 0o777, 0o444);
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert_eq!(store.open_verified(pin).unwrap().pin, pin);
+        // A second import of the same bytes is a no-op.
+        store.import(&bundle, None).unwrap();
+        assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn wrong_pin_is_refused_and_nothing_enters() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = sample_bundle(dir.path(), b"rootfs");
+        let wrong: Pin = "00".repeat(32).parse().unwrap();
+        let store = Store::at(dir.path().join("store"));
+        let err = store.import(&bundle, Some(wrong)).unwrap_err();
+        assert_eq!(err.exit(), Exit::PinMismatch);
+        assert!(err.to_string().contains(&wrong.to_string()), "{err}");
+        assert_eq!(fs::read_dir(store.root()).unwrap().count(), 0, "nothing may remain in the store");
+    }
+
+    #[test]
+    fn garbage_is_refused_and_nothing_enters() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage");
+        fs::write(&garbage, b"not a bundle at all").unwrap();
+        let store = Store::at(dir.path().join("store"));
+        let err = store.import(&garbage, None).unwrap_err();
+        assert!(matches!(err, StoreError::Bundle { .. }), "{err:?}");
+        assert_eq!(fs::read_dir(store.root()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn concurrent_imports_leave_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = sample_bundle(dir.path(), &vec![3u8; 1 << 20]);
+        let store = Store::at(dir.path().join("store"));
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4).map(|_| s.spawn(|| store.import(&bundle, None).unwrap().pin)).collect();
+            let pins: Vec<Pin> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            assert!(pins.windows(2).all(|w| w[0] == w[1]));
+        });
+        let names: Vec<_> = fs::read_dir(store.root()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn missing_pin_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::at(dir.path());
+        let pin: Pin = "ab".repeat(32).parse().unwrap();
+        assert!(matches!(store.open_verified(pin), Err(StoreError::NotFound { .. })));
+    }
+}

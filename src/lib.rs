@@ -1,0 +1,42 @@
+//! reprovm: rebuild software inside a pinned, checksummed builder VM so the
+//! bytes that come out do not depend on the host that built them.
+//!
+//! The pipeline runs down these modules, one stage each (see DESIGN.md):
+#![warn(missing_docs)]
+
+/// Command-line definitions, validated configuration and the command functions.
+pub mod cli;
+/// Deadlines for everything that waits: the error says what, how long, and the last cause.
+pub mod deadline;
+/// Builder image bundles: pins, the bundle format, the content-addressed store, build, import, fetch.
+pub mod image;
+/// SIGINT/SIGTERM: a process-wide flag every stage checks or awaits.
+pub mod interrupt;
+/// Supervised child processes: own process group, graceful stop, always reaped.
+pub mod process;
+
+/// The process exit codes of the CLI contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Success, or the artifacts are identical.
+    Ok = 0,
+    /// Artifacts differ.
+    Differ = 1,
+    /// Usage, recipe or configuration error.
+    Usage = 2,
+    /// A pinned input does not match its pin.
+    PinMismatch = 3,
+    /// VM or SSH failure.
+    Vm = 4,
+    /// The build command failed.
+    BuildFailed = 5,
+    /// Interrupted by SIGINT or SIGTERM.
+    Interrupted = 130,
+}
+
+impl Exit {
+    /// The numeric process exit status.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}

@@ -1,0 +1,20 @@
+//! The `reprovm` binary: parse arguments, set up logging, run, exit with the
+//! code of the CLI contract.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = reprovm::cli::Args::parse();
+    reprovm::cli::init_logging(args.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(reprovm::Exit::Usage.code());
+        }
+    };
+    let exit = runtime.block_on(reprovm::cli::run(args));
+    ExitCode::from(exit.code())
+}
