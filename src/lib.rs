@@ -8,12 +8,16 @@
 pub mod cli;
 /// Deadlines for everything that waits: the error says what, how long, and the last cause.
 pub mod deadline;
+/// The guest stage: per-run SSH keys, the authenticated session, guest facts.
+pub mod guest;
 /// Builder image bundles: pins, the bundle format, the content-addressed store, build, import, fetch.
 pub mod image;
 /// SIGINT/SIGTERM: a process-wide flag every stage checks or awaits.
 pub mod interrupt;
 /// Supervised child processes: own process group, graceful stop, always reaped.
 pub mod process;
+/// The machine stage: QEMU arguments, accelerator choice, QMP, VM lifecycle.
+pub mod vm;
 
 /// The process exit codes of the CLI contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

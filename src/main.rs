@@ -15,6 +15,8 @@ fn main() -> ExitCode {
             return ExitCode::from(reprovm::Exit::Usage.code());
         }
     };
-    let exit = runtime.block_on(reprovm::cli::run(args));
-    ExitCode::from(exit.code())
+    let code = runtime.block_on(reprovm::cli::run(args));
+    // Blocking SSH threads end when their connection closes; do not wait on them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code)
 }

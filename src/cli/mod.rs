@@ -2,6 +2,7 @@
 //! (with its exit code), logging set-up, and dispatch to the command functions.
 
 mod image;
+mod run;
 
 use std::path::PathBuf;
 
@@ -12,6 +13,7 @@ use crate::image::fetch::FetchError;
 use crate::image::pin::BadPin;
 use crate::image::StoreError;
 use crate::interrupt::{self, Interrupted};
+use crate::vm::{AccelChoice, VmError};
 use crate::Exit;
 
 /// Rebuild software inside a pinned, checksummed builder VM and check the bytes.
@@ -32,6 +34,61 @@ pub enum Commands {
     /// Builder images: build, import, fetch, list, verify.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Boot the builder, run one command as the build user, tear down; exits with its status.
+    Run {
+        /// The machine to boot.
+        #[command(flatten)]
+        machine: MachineArgs,
+        /// The command and its arguments (after --).
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// An interactive shell in the builder, torn down on exit.
+    Shell {
+        /// The machine to boot.
+        #[command(flatten)]
+        machine: MachineArgs,
+    },
+}
+
+/// Which image to boot and the guest-visible machine.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MachineArgs {
+    /// Image pin (sha256:<hex>); default: the store's only image.
+    #[arg(long, env = "REPROVM_IMAGE")]
+    pub image: Option<String>,
+    /// Accelerator: KVM when it boots (auto), KVM or fail, or TCG.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelChoice,
+    /// QEMU binary to run.
+    #[arg(long, env = "REPROVM_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Named CPU model (never host or max).
+    #[arg(long, default_value = "Nehalem-v1", value_parser = parse_cpu_model)]
+    pub cpu_model: String,
+    /// vCPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: u32,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(256..=262144))]
+    pub memory: u32,
+    /// Guest clock at boot, seconds since 1970 (default: the image's date).
+    #[arg(long)]
+    pub clock: Option<i64>,
+    /// Seconds allowed from QEMU start to an authenticated SSH session.
+    #[arg(long, default_value_t = 300)]
+    pub boot_timeout: u64,
+}
+
+fn parse_cpu_model(value: &str) -> Result<String, String> {
+    let base = value.split(',').next().unwrap_or_default();
+    if matches!(base, "host" | "max") || base.is_empty() {
+        return Err(format!("{value:?}: use a named CPU model such as Nehalem-v1; host and max differ from host to host"));
+    }
+    if !value.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.') {
+        return Err(format!("{value:?}: a CPU model name only (features are fixed by reprovm)"));
+    }
+    Ok(value.to_string())
 }
 
 /// `reprovm image …`
@@ -101,6 +158,18 @@ pub enum Error {
         /// How many.
         count: usize,
     },
+    /// No image was named and the store does not hold exactly one.
+    #[error("no --image given and {detail}")]
+    NoImage {
+        /// What the store holds.
+        detail: String,
+    },
+    /// The command after `--` cannot be quoted for the guest shell.
+    #[error("the command cannot be passed to the guest (it contains a NUL byte)")]
+    BadCommand,
+    /// VM failure.
+    #[error(transparent)]
+    Vm(#[from] VmError),
     /// Interrupted by a signal.
     #[error(transparent)]
     Interrupted(#[from] Interrupted),
@@ -115,6 +184,8 @@ impl Error {
             Error::Build(e) => e.exit(),
             Error::Fetch(e) => e.exit(),
             Error::Corrupt { .. } => Exit::PinMismatch,
+            Error::NoImage { .. } | Error::BadCommand => Exit::Usage,
+            Error::Vm(_) => Exit::Vm,
             Error::Interrupted(_) => Exit::Interrupted,
         }
     }
@@ -149,20 +220,29 @@ pub fn report(err: &(dyn std::error::Error + 'static)) {
     eprintln!("{text}");
 }
 
-/// Runs the command and returns the process exit code.
-pub async fn run(args: Args) -> Exit {
+/// Runs the command and returns the process exit code. A signal cancels the
+/// command: dropping its future stops QEMU and removes every per-run file.
+pub async fn run(args: Args) -> u8 {
     if let Err(e) = interrupt::install() {
         eprintln!("error: cannot install signal handlers: {e}");
-        return Exit::Usage;
+        return Exit::Usage.code();
     }
-    let result = match args.command {
-        Commands::Image(cmd) => image::run(cmd).await,
+    let command = async {
+        match args.command {
+            Commands::Image(cmd) => image::run(cmd).await.map(Exit::code),
+            Commands::Run { machine, command } => run::run(machine, command).await,
+            Commands::Shell { machine } => run::shell(machine).await,
+        }
+    };
+    let result = tokio::select! {
+        result = command => result,
+        interrupted = interrupt::wait() => Err(Error::Interrupted(interrupted)),
     };
     match result {
-        Ok(exit) => exit,
+        Ok(code) => code,
         Err(err) => {
             report(&err);
-            err.exit()
+            err.exit().code()
         }
     }
 }

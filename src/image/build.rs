@@ -11,6 +11,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::time::Duration;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -361,6 +362,7 @@ fn build_in(
         bundle::write_bundle(&mut writer, &metadata, &kernel, &initrd, &rootfs).map_err(io_err("write", &out))?;
         Pin::from_digest(writer.hasher.finalize().into())
     };
+    fs::set_permissions(partial.path(), fs::Permissions::from_mode(0o644)).map_err(io_err("set permissions of", partial.path()))?;
     partial.persist(&out).map_err(|e| BuildError::Io { action: "write", path: out.clone(), source: e.error })?;
     tracing::info!("bundle {} written to {}", pin, out.display());
     Ok(store.import(&out, Some(pin))?)

@@ -1,0 +1,135 @@
+//! `reprovm run` and `reprovm shell`: boot the verified builder, run one
+//! command (or an interactive shell) as the unprivileged build user, tear down.
+
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use crate::cli::{parse_pin, Error, MachineArgs};
+use crate::guest::session::as_build_user;
+use crate::image::{Pin, Store, StoredImage};
+use crate::vm::{BootOptions, Machine, MachineSpec};
+
+/// Picks the image: the pin given, or the store's only image.
+pub fn resolve_image(store: &Store, flag: Option<&str>) -> Result<Pin, Error> {
+    if let Some(value) = flag {
+        return parse_pin("--image", value);
+    }
+    let images = store.list()?;
+    match images.as_slice() {
+        [only] => Ok(only.pin),
+        [] => Err(Error::NoImage { detail: format!("the store ({}) is empty: run `reprovm image build` first", store.root().display()) }),
+        many => Err(Error::NoImage {
+            detail: format!(
+                "the store holds {} images; choose one with --image: {}",
+                many.len(),
+                many.iter().map(|i| i.pin.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        }),
+    }
+}
+
+/// Verifies the image (re-hashing it) on a blocking thread.
+pub async fn verified_image(store: Store, pin: Pin) -> Result<StoredImage, Error> {
+    let start = Instant::now();
+    let image = tokio::task::spawn_blocking(move || store.open_verified(pin)).await.expect("hash thread panicked")?;
+    tracing::info!("image {pin} verified in {:.2}s", start.elapsed().as_secs_f64());
+    Ok(image)
+}
+
+/// Boot options from the machine flags, the clock defaulting to the image's date.
+pub fn boot_options(args: &MachineArgs, image: &StoredImage) -> BootOptions {
+    BootOptions {
+        spec: MachineSpec {
+            cpu_model: args.cpu_model.clone(),
+            cpus: args.cpus,
+            memory_mib: args.memory,
+            clock: args.clock.unwrap_or(image.layout.metadata.source_date_epoch),
+        },
+        accel: args.accel,
+        qemu: args.qemu.clone(),
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+    }
+}
+
+async fn boot(args: &MachineArgs) -> Result<Machine, Error> {
+    let store = Store::from_env()?;
+    let pin = resolve_image(&store, args.image.as_deref())?;
+    let image = verified_image(store, pin).await?;
+    Ok(Machine::boot(&image, &boot_options(args, &image)).await?)
+}
+
+/// `reprovm run -- CMD...`: exits with CMD's status.
+pub async fn run(args: MachineArgs, command: Vec<String>) -> Result<u8, Error> {
+    let line = shlex::try_join(command.iter().map(String::as_str)).map_err(|_| Error::BadCommand)?;
+    let mut machine = boot(&args).await?;
+    let session = machine.take_session().expect("a booted machine has a session");
+    let wrapped = as_build_user(&line);
+    let (session, status) = tokio::task::spawn_blocking(move || {
+        let status = session.exec(&wrapped, &mut io::stdout().lock(), &mut io::stderr().lock());
+        (session, status)
+    })
+    .await
+    .expect("SSH thread panicked");
+    machine.put_session(session);
+    let status = status.map_err(|source| Error::Vm(crate::vm::VmError::Ssh { serial_tail: String::new(), source }))?;
+    machine.shutdown().await;
+    Ok(u8::try_from(status).unwrap_or(255))
+}
+
+/// Puts the terminal in raw mode until dropped.
+struct RawTerminal(Option<nix::sys::termios::Termios>);
+
+impl RawTerminal {
+    fn enable() -> RawTerminal {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = io::stdin();
+        let Ok(saved) = tcgetattr(stdin.as_fd()) else { return RawTerminal(None) };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        if tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw).is_err() {
+            return RawTerminal(None);
+        }
+        RawTerminal(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(io::stdin().as_fd(), nix::sys::termios::SetArg::TCSANOW, saved);
+        }
+    }
+}
+
+fn terminal_size() -> (u32, u32) {
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ fills a winsize struct we own.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 && ws.ws_row > 0 {
+        (u32::from(ws.ws_col), u32::from(ws.ws_row))
+    } else {
+        (80, 24)
+    }
+}
+
+/// `reprovm shell`: an interactive PTY shell as the build user.
+pub async fn shell(args: MachineArgs) -> Result<u8, Error> {
+    let mut machine = boot(&args).await?;
+    let session = machine.take_session().expect("a booted machine has a session");
+    let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
+    let (session, status) = tokio::task::spawn_blocking(move || {
+        let raw = io::stdin().is_terminal().then(RawTerminal::enable);
+        let stdin = io::stdin();
+        let status = session.shell(&term, terminal_size(), stdin.as_fd(), &mut io::stdout().lock());
+        drop(raw);
+        let _ = io::stdout().flush();
+        (session, status)
+    })
+    .await
+    .expect("shell thread panicked");
+    machine.put_session(session);
+    let status = status.map_err(|source| Error::Vm(crate::vm::VmError::Ssh { serial_tail: String::new(), source }))?;
+    machine.shutdown().await;
+    Ok(u8::try_from(status).unwrap_or(255))
+}

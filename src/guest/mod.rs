@@ -1,0 +1,10 @@
+//! The guest stage: per-run SSH keys, the authenticated session with the
+//! builder (exec with streamed output, interactive shell), and guest facts.
+
+pub mod facts;
+pub mod keys;
+pub mod session;
+
+pub use facts::{FactsError, GuestFacts};
+pub use keys::RunKeys;
+pub use session::{GuestError, GuestSession};

@@ -1,0 +1,227 @@
+//! SSH to the builder with the `ssh2` crate (blocking: callers keep it on a
+//! blocking thread). Only the host key generated for this run is accepted;
+//! ready means an authenticated session, not an open port (user-mode
+//! networking accepts TCP connections before sshd listens).
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::guest::keys::RunKeys;
+
+/// The user sessions log in as; commands are then run as [`BUILD_USER`].
+const LOGIN_USER: &str = "root";
+/// The unprivileged user commands run as.
+pub const BUILD_USER: &str = "builder";
+
+/// An SSH failure.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The guest presented a host key other than the one generated for this run.
+    #[error("refusing the guest: it presented host key {actual}, not the key generated for this run ({expected}); something else answered on the SSH forward")]
+    HostKeyMismatch {
+        /// SHA-256 of the expected key blob.
+        expected: String,
+        /// SHA-256 of the key blob presented.
+        actual: String,
+    },
+    /// Not connected yet (sshd not listening, handshake cut short…).
+    #[error("{0}")]
+    NotReady(String),
+    /// An SSH operation failed on an established session.
+    #[error("SSH {action} failed")]
+    Ssh {
+        /// What was being done.
+        action: &'static str,
+        /// The cause.
+        #[source]
+        source: ssh2::Error,
+    },
+    /// Reading or writing the streams failed.
+    #[error("SSH {action} failed")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn ssh_err(action: &'static str) -> impl FnOnce(ssh2::Error) -> GuestError {
+    move |source| GuestError::Ssh { action, source }
+}
+
+fn io_err(action: &'static str) -> impl FnOnce(io::Error) -> GuestError {
+    move |source| GuestError::Io { action, source }
+}
+
+fn fingerprint(blob: &[u8]) -> String {
+    use sha2::Digest;
+    format!("SHA256:{}", hex::encode(sha2::Sha256::digest(blob)))
+}
+
+/// An authenticated SSH session with the builder.
+pub struct GuestSession {
+    session: ssh2::Session,
+    socket: TcpStream,
+}
+
+/// Quotes `command` to run as the unprivileged build user from a root shell:
+/// fresh environment (HOME, USER, SHELL, PATH from the user's entry), in its home.
+pub fn as_build_user(command: &str) -> String {
+    let quoted = shlex::try_quote(command).map(|q| q.into_owned()).unwrap_or_else(|_| "false".into());
+    format!("cd /home/{BUILD_USER} && exec setpriv --reuid={BUILD_USER} --regid={BUILD_USER} --init-groups --reset-env /bin/sh -c {quoted}")
+}
+
+impl GuestSession {
+    /// One attempt to connect to 127.0.0.1:`port`, check the host key and
+    /// authenticate. `NotReady` means "try again"; other errors are final.
+    pub fn connect(port: u16, keys: &RunKeys) -> Result<GuestSession, GuestError> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let socket = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| GuestError::NotReady(format!("connect to {addr}: {e}")))?;
+        socket.set_nodelay(true).map_err(io_err("set TCP_NODELAY"))?;
+        let mut session = ssh2::Session::new().map_err(ssh_err("session set-up"))?;
+        session.set_tcp_stream(socket.try_clone().map_err(io_err("clone the socket"))?);
+        session.set_timeout(5_000);
+        session.method_pref(ssh2::MethodType::HostKey, "ssh-ed25519").map_err(ssh_err("host key preference"))?;
+        session.handshake().map_err(|e| GuestError::NotReady(format!("SSH handshake: {e}")))?;
+        let (blob, _) = session.host_key().ok_or_else(|| GuestError::NotReady("no host key offered".into()))?;
+        if blob != keys.host_public_blob.as_slice() {
+            return Err(GuestError::HostKeyMismatch {
+                expected: fingerprint(&keys.host_public_blob),
+                actual: fingerprint(blob),
+            });
+        }
+        session
+            .userauth_pubkey_memory(LOGIN_USER, None, &keys.client_private, None)
+            .map_err(|e| GuestError::NotReady(format!("authentication: {e}")))?;
+        if !session.authenticated() {
+            return Err(GuestError::NotReady("authentication incomplete".into()));
+        }
+        session.set_timeout(0);
+        session.set_keepalive(true, 15);
+        Ok(GuestSession { session, socket })
+    }
+
+    /// Runs `command` (a shell command line, as root) and returns its exit
+    /// status, streaming its stdout and stderr into the writers as they come.
+    pub fn exec(&self, command: &str, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<i32, GuestError> {
+        let mut channel = self.session.channel_session().map_err(ssh_err("open a channel"))?;
+        channel.exec(command).map_err(ssh_err("exec"))?;
+        self.pump(&mut channel, None, stdout, stderr)?;
+        channel.wait_close().map_err(ssh_err("close the channel"))?;
+        channel.exit_status().map_err(ssh_err("read the exit status"))
+    }
+
+    /// Runs `command` as root and returns (status, stdout, stderr).
+    pub fn exec_capture(&self, command: &str) -> Result<(i32, String, String), GuestError> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let status = self.exec(command, &mut out, &mut err)?;
+        Ok((status, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
+    }
+
+    /// An interactive login shell as the build user on a PTY of `size`
+    /// (columns, rows), wired to `input` and `output`; returns its exit status.
+    pub fn shell(&self, term: &str, size: (u32, u32), input: BorrowedFd<'_>, output: &mut dyn Write) -> Result<i32, GuestError> {
+        let mut channel = self.session.channel_session().map_err(ssh_err("open a channel"))?;
+        channel.request_pty(term, None, Some((size.0, size.1, 0, 0))).map_err(ssh_err("request a PTY"))?;
+        channel.exec(&as_build_user("exec bash --login")).map_err(ssh_err("start the shell"))?;
+        self.pump(&mut channel, Some(input), output, &mut io::sink())?;
+        channel.wait_close().map_err(ssh_err("close the channel"))?;
+        channel.exit_status().map_err(ssh_err("read the exit status"))
+    }
+
+    /// Moves bytes between the channel and the writers (and `input`, if
+    /// given) until the remote side closes, waiting in poll(2) when idle.
+    fn pump(
+        &self,
+        channel: &mut ssh2::Channel,
+        input: Option<BorrowedFd<'_>>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<(), GuestError> {
+        self.session.set_blocking(false);
+        let result = (|| {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut input_open = input.is_some();
+            loop {
+                let mut progressed = false;
+                for stream_id in [0, 1] {
+                    let mut stream = channel.stream(stream_id);
+                    match stream.read(&mut buf) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            let sink: &mut dyn Write = if stream_id == 0 { &mut *stdout } else { &mut *stderr };
+                            sink.write_all(&buf[..n]).map_err(io_err("write output"))?;
+                            sink.flush().map_err(io_err("write output"))?;
+                            progressed = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(io_err("read output")(e)),
+                    }
+                }
+                if channel.eof() {
+                    return Ok(());
+                }
+                if progressed {
+                    continue;
+                }
+                let mut fds = vec![PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
+                if let (Some(fd), true) = (input, input_open) {
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                }
+                poll(&mut fds, PollTimeout::from(200u16)).map_err(|e| io_err("poll")(e.into()))?;
+                let input_ready = fds.get(1).and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
+                if let (Some(fd), true) = (input, input_ready) {
+                    let n = nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(|e| io_err("read input")(e.into()))?;
+                    if n == 0 {
+                        input_open = false;
+                        let _ = channel.send_eof();
+                    } else {
+                        write_all_nonblocking(channel, &buf[..n])?;
+                    }
+                }
+                let _ = self.session.keepalive_send();
+            }
+        })();
+        self.session.set_blocking(true);
+        result
+    }
+}
+
+fn write_all_nonblocking(channel: &mut ssh2::Channel, mut data: &[u8]) -> Result<(), GuestError> {
+    while !data.is_empty() {
+        match channel.write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+            Err(e) => return Err(io_err("send input")(e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_user_wrapper_quotes_the_command() {
+        let w = as_build_user("echo 'a b'; id");
+        assert!(w.starts_with("cd /home/builder && exec setpriv --reuid=builder"), "{w}");
+        assert!(w.ends_with(r#"/bin/sh -c "echo 'a b'; id""#) || w.ends_with(r#"/bin/sh -c 'echo '"'"'a b'"'"'; id'"#), "{w}");
+    }
+
+    #[test]
+    fn connect_to_a_closed_port_is_not_ready() {
+        let keys = RunKeys::generate().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        assert!(matches!(GuestSession::connect(port, &keys), Err(GuestError::NotReady(_))));
+    }
+}

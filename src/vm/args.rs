@@ -1,0 +1,197 @@
+//! The pure QEMU command-line builder. Everything the guest can observe is
+//! fixed here: machine type, CPU model and features, vCPUs, memory, RTC,
+//! devices. Only host-side paths, the port and the accelerator vary, and the
+//! accelerator changes nothing the guest sees (see [`CPU_FEATURES`]).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use crate::image::bundle::Extent;
+
+/// Versioned machine type: present in QEMU 7.2 and kept by later releases.
+pub const MACHINE_TYPE: &str = "pc-q35-7.2";
+
+/// Feature adjustments that make a named model look the same under KVM and
+/// TCG: no KVM paravirt leaves or PMU (TCG has neither), no x2apic (QEMU 7.2's
+/// TCG lacks it), no VME (TCG drops it by default), hypervisor bit always on.
+pub const CPU_FEATURES: &str = "enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on";
+
+/// The kernel command line: quiet serial console, PVH-friendly, panics turn
+/// into an immediate reset (which `-no-reboot` makes QEMU exit on).
+pub const KERNEL_CMDLINE: &str =
+    "console=ttyS0 quiet loglevel=4 panic=-1 edd=off reprovm.root=/dev/vda random.trust_cpu=on tsc=reliable";
+
+/// The accelerator QEMU runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl Accelerator {
+    /// The name QEMU knows it by.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg",
+        }
+    }
+}
+
+/// The guest-visible machine, pinned by recipe or flags.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MachineSpec {
+    /// Named CPU model, e.g. `Nehalem-v1`.
+    pub cpu_model: String,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// The guest's RTC start, seconds since 1970 (UTC).
+    pub clock: i64,
+}
+
+/// Everything needed to start one QEMU.
+#[derive(Clone, Debug)]
+pub struct LaunchPlan {
+    /// The guest-visible machine.
+    pub spec: MachineSpec,
+    /// The accelerator.
+    pub accel: Accelerator,
+    /// The verified bundle file (opened read-only).
+    pub bundle: PathBuf,
+    /// Where the root filesystem lies inside the bundle.
+    pub rootfs: Extent,
+    /// The throw-away qcow2 overlay on top of it.
+    pub overlay: PathBuf,
+    /// Kernel and initrd copied out of the bundle.
+    pub kernel: PathBuf,
+    /// The initrd.
+    pub initrd: PathBuf,
+    /// QMP socket path.
+    pub qmp_socket: PathBuf,
+    /// Serial console log path.
+    pub serial_log: PathBuf,
+    /// Host port forwarded (on 127.0.0.1 only) to the guest's port 22.
+    pub ssh_port: u16,
+    /// fw_cfg files: (name under opt/reprovm/, host path).
+    pub fw_cfg: Vec<(String, PathBuf)>,
+}
+
+/// RTC base in QEMU's format (`2024-11-25T00:00:00`).
+pub fn rtc_base(clock: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(clock).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+    t.format(&fmt).unwrap_or_else(|_| "1970-01-01T00:00:00".into())
+}
+
+/// The QEMU arguments (without the program name) for `plan`.
+pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |parts: &[&str]| a.extend(parts.iter().map(OsString::from));
+    let p = |path: &PathBuf| path.display().to_string();
+    let spec = &plan.spec;
+    push(&["-name", "reprovm-builder"]);
+    push(&["-machine", &format!("{MACHINE_TYPE},accel={}", plan.accel.as_str())]);
+    push(&["-cpu", &format!("{},{CPU_FEATURES}", spec.cpu_model)]);
+    push(&["-smp", &format!("{},sockets=1,cores={},threads=1", spec.cpus, spec.cpus)]);
+    push(&["-m", &format!("{}M", spec.memory_mib)]);
+    push(&["-rtc", &format!("base={},clock=vm", rtc_base(spec.clock))]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    push(&["-action", "panic=pause"]);
+    push(&["-chardev", &format!("file,id=serial0,path={}", p(&plan.serial_log))]);
+    push(&["-serial", "chardev:serial0"]);
+    push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", p(&plan.qmp_socket))]);
+    push(&["-mon", "chardev=qmp,mode=control"]);
+    push(&["-kernel", &p(&plan.kernel), "-initrd", &p(&plan.initrd), "-append", KERNEL_CMDLINE]);
+    push(&["-blockdev", &format!("driver=file,node-name=bundle,filename={},read-only=on", p(&plan.bundle))]);
+    push(&[
+        "-blockdev",
+        &format!(
+            "driver=raw,node-name=base,file=bundle,offset={},size={},read-only=on",
+            plan.rootfs.offset, plan.rootfs.size
+        ),
+    ]);
+    push(&["-blockdev", &format!("driver=file,node-name=overlay-file,filename={}", p(&plan.overlay))]);
+    push(&["-blockdev", "driver=qcow2,node-name=root,file=overlay-file,backing=base"]);
+    push(&["-device", "virtio-blk-pci,drive=root"]);
+    push(&["-netdev", &format!("user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22", plan.ssh_port)]);
+    push(&["-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"]);
+    push(&["-device", "pvpanic"]);
+    for (name, path) in &plan.fw_cfg {
+        push(&["-fw_cfg", &format!("name=opt/reprovm/{name},file={}", p(path))]);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(accel: Accelerator) -> LaunchPlan {
+        let run = PathBuf::from("/tmp/reprovm-run-X");
+        LaunchPlan {
+            spec: MachineSpec { cpu_model: "Nehalem-v1".into(), cpus: 2, memory_mib: 2048, clock: 1_732_492_800 },
+            accel,
+            bundle: "/store/abc/bundle.img".into(),
+            rootfs: Extent { offset: 71680, size: 1048576 },
+            overlay: run.join("overlay.qcow2"),
+            kernel: run.join("vmlinux"),
+            initrd: run.join("initrd.img"),
+            qmp_socket: run.join("qmp.sock"),
+            serial_log: run.join("serial.log"),
+            ssh_port: 40022,
+            fw_cfg: vec![("authorized_keys".into(), run.join("authorized_keys"))],
+        }
+    }
+
+    #[test]
+    fn golden_command_line() {
+        let args: Vec<String> = qemu_args(&plan(Accelerator::Tcg)).into_iter().map(|a| a.into_string().unwrap()).collect();
+        let expected = [
+            "-name reprovm-builder",
+            "-machine pc-q35-7.2,accel=tcg",
+            "-cpu Nehalem-v1,enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on",
+            "-smp 2,sockets=1,cores=2,threads=1",
+            "-m 2048M",
+            "-rtc base=2024-11-25T00:00:00,clock=vm",
+            "-nodefaults -no-user-config -display none -no-reboot",
+            "-action panic=pause",
+            "-chardev file,id=serial0,path=/tmp/reprovm-run-X/serial.log",
+            "-serial chardev:serial0",
+            "-chardev socket,id=qmp,path=/tmp/reprovm-run-X/qmp.sock,server=on,wait=off",
+            "-mon chardev=qmp,mode=control",
+            &format!("-kernel /tmp/reprovm-run-X/vmlinux -initrd /tmp/reprovm-run-X/initrd.img -append {KERNEL_CMDLINE}"),
+            "-blockdev driver=file,node-name=bundle,filename=/store/abc/bundle.img,read-only=on",
+            "-blockdev driver=raw,node-name=base,file=bundle,offset=71680,size=1048576,read-only=on",
+            "-blockdev driver=file,node-name=overlay-file,filename=/tmp/reprovm-run-X/overlay.qcow2",
+            "-blockdev driver=qcow2,node-name=root,file=overlay-file,backing=base",
+            "-device virtio-blk-pci,drive=root",
+            "-netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22",
+            "-device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56",
+            "-device pvpanic",
+            "-fw_cfg name=opt/reprovm/authorized_keys,file=/tmp/reprovm-run-X/authorized_keys",
+        ]
+        .join(" ");
+        assert_eq!(args.join(" "), expected);
+    }
+
+    #[test]
+    fn accelerator_changes_only_the_machine_option() {
+        let tcg = qemu_args(&plan(Accelerator::Tcg));
+        let kvm = qemu_args(&plan(Accelerator::Kvm));
+        let differing: Vec<_> = tcg.iter().zip(&kvm).filter(|(a, b)| a != b).collect();
+        assert_eq!(differing.len(), 1);
+        assert_eq!(differing[0].1, "pc-q35-7.2,accel=kvm");
+    }
+
+    #[test]
+    fn never_host_or_max_cpu() {
+        let args = qemu_args(&plan(Accelerator::Kvm));
+        let cpu = args.iter().skip_while(|a| *a != "-cpu").nth(1).unwrap().to_str().unwrap();
+        assert!(!cpu.starts_with("host") && !cpu.starts_with("max") && cpu.contains("enforce"));
+    }
+}

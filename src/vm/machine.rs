@@ -1,0 +1,470 @@
+//! One builder VM from boot to teardown. [`Machine::boot`] copies the kernel
+//! and initrd out of the verified bundle, creates the throw-away overlay and
+//! the per-run keys in a private directory, starts QEMU, watches the serial
+//! console (the boot watchdog that also catches a KVM that opens but cannot
+//! boot), and returns once an authenticated SSH session works. Dropping a
+//! `Machine` on any path kills QEMU's process group and removes the directory.
+
+use std::fs::{self, File, Permissions};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tempfile::TempDir;
+
+use crate::deadline::{Deadline, Timeout};
+use crate::guest::{FactsError, GuestError, GuestFacts, GuestSession, RunKeys};
+use crate::image::bundle;
+use crate::image::StoredImage;
+use crate::process::Supervised;
+use crate::vm::accel::{candidates, probe_kvm, AccelChoice};
+use crate::vm::args::{qemu_args, Accelerator, LaunchPlan, MachineSpec, MACHINE_TYPE, CPU_FEATURES};
+use crate::vm::qmp::{GuestEvent, Qmp, QmpError};
+
+/// What the guest's init prints on the serial console once userspace runs.
+const INIT_MARKER: &str = "reprovm-init: started";
+/// How long a KVM guest may take to reach init before KVM is declared unusable.
+const KVM_WATCHDOG: Duration = Duration::from_secs(20);
+/// How often the boot watchdog looks at the console and at QEMU.
+const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How to boot.
+#[derive(Clone, Debug)]
+pub struct BootOptions {
+    /// The guest-visible machine.
+    pub spec: MachineSpec,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// Limit for the whole boot, up to an authenticated SSH session.
+    pub boot_timeout: Duration,
+}
+
+/// The machine as launched, for the result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchedMachine {
+    /// QEMU binary path.
+    pub qemu_binary: PathBuf,
+    /// QEMU version (`major.minor.micro` and package).
+    pub qemu_version: String,
+    /// Accelerator used.
+    pub accelerator: Accelerator,
+    /// Machine type.
+    pub machine_type: String,
+    /// CPU model with its feature settings.
+    pub cpu: String,
+    /// The guest-visible machine.
+    #[serde(flatten)]
+    pub spec: MachineSpec,
+}
+
+/// A VM failure (exit code 4).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A host program is missing.
+    #[error("{program} is not installed: install the Debian package {package}")]
+    MissingProgram {
+        /// The program.
+        program: String,
+        /// The Debian package.
+        package: &'static str,
+    },
+    /// A per-run file could not be made.
+    #[error("cannot {action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `qemu-img create` failed.
+    #[error("cannot create the overlay: qemu-img said: {0}")]
+    Overlay(String),
+    /// `--accel kvm` was asked for but KVM cannot be used.
+    #[error("KVM cannot be used: {0}")]
+    KvmUnusable(String),
+    /// QEMU exited before the guest was ready.
+    #[error("QEMU exited ({status}) before the builder was ready{}{}", section("QEMU said", qemu_log), section("serial console (last lines)", serial_tail))]
+    QemuExited {
+        /// Exit status.
+        status: String,
+        /// QEMU's stderr.
+        qemu_log: String,
+        /// End of the serial console.
+        serial_tail: String,
+    },
+    /// The guest did not reach init, or did not answer SSH, in time.
+    #[error("the builder did not boot under {accel}{}", section("serial console (last lines)", serial_tail))]
+    BootTimeout {
+        /// Accelerator used.
+        accel: &'static str,
+        /// End of the serial console.
+        serial_tail: String,
+        /// What timed out.
+        #[source]
+        source: Timeout,
+    },
+    /// The guest kernel panicked.
+    #[error("the guest kernel panicked{}", section("serial console (last lines)", serial_tail))]
+    Panicked {
+        /// End of the serial console.
+        serial_tail: String,
+    },
+    /// The guest powered off or QEMU stopped it unexpectedly.
+    #[error("the guest stopped unexpectedly ({event:?}){}", section("serial console (last lines)", serial_tail))]
+    Stopped {
+        /// The event.
+        event: GuestEvent,
+        /// End of the serial console.
+        serial_tail: String,
+    },
+    /// QMP failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// SSH failed.
+    #[error("SSH to the builder failed{}", section("serial console (last lines)", serial_tail))]
+    Ssh {
+        /// End of the serial console.
+        serial_tail: String,
+        /// The cause.
+        #[source]
+        source: GuestError,
+    },
+    /// The guest facts could not be collected or the clock moved.
+    #[error(transparent)]
+    Facts(#[from] FactsError),
+    /// Key generation failed.
+    #[error(transparent)]
+    Keys(#[from] crate::guest::keys::KeyError),
+}
+
+fn section(title: &str, body: &str) -> String {
+    if body.trim().is_empty() {
+        String::new()
+    } else {
+        format!("\n--- {title} ---\n{}", body.trim_end())
+    }
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> VmError + 'a {
+    move |source| VmError::Io { action, path: path.to_path_buf(), source }
+}
+
+/// The last `lines` lines of a text file (empty if unreadable).
+pub fn tail_of(path: &Path, lines: usize) -> String {
+    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A free TCP port on 127.0.0.1 (QEMU binds it right after; a lost race
+/// makes QEMU fail and the caller retry with another port).
+fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running builder with an authenticated SSH session.
+pub struct Machine {
+    qemu: Supervised,
+    qmp: Qmp,
+    session: Option<GuestSession>,
+    started: Instant,
+    serial_log: PathBuf,
+    /// The machine as launched.
+    pub launched: LaunchedMachine,
+    /// What the guest said about itself at first contact.
+    pub facts: GuestFacts,
+    /// How long the boot took, up to the authenticated session.
+    pub boot_time: Duration,
+    // Declared last: removed after QEMU is gone.
+    run_dir: TempDir,
+}
+
+/// The per-run files of one boot attempt.
+struct RunFiles {
+    plan: LaunchPlan,
+    keys: RunKeys,
+    key_files: Vec<PathBuf>,
+    qemu_log: PathBuf,
+}
+
+fn prepare(image: &StoredImage, opts: &BootOptions, accel: Accelerator, dir: &Path) -> Result<RunFiles, VmError> {
+    let layout = &image.layout;
+    let mut bundle_file = File::open(&image.path).map_err(io_err("open", &image.path))?;
+    let kernel = dir.join("vmlinux");
+    let initrd = dir.join("initrd.img");
+    for (path, extent) in [(&kernel, layout.kernel), (&initrd, layout.initrd)] {
+        if !path.exists() {
+            let mut out = File::create(path).map_err(io_err("create", path))?;
+            bundle::copy_member(&mut bundle_file, extent, &mut out).map_err(io_err("copy the kernel and initrd to", path))?;
+        }
+    }
+    let overlay = dir.join("overlay.qcow2");
+    let _ = fs::remove_file(&overlay);
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&overlay)
+        .arg(layout.rootfs.size.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => VmError::MissingProgram { program: "qemu-img".into(), package: "qemu-utils" },
+            _ => io_err("run qemu-img for", &overlay)(e),
+        })?;
+    if !out.status.success() {
+        return Err(VmError::Overlay(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    let keys = RunKeys::generate()?;
+    let mut key_files = Vec::new();
+    for (name, content) in [("ssh_host_ed25519_key", keys.host_private.as_str()), ("authorized_keys", keys.client_public_line.as_str())] {
+        let path = dir.join(name);
+        let _ = fs::remove_file(&path);
+        fs::write(&path, content).map_err(io_err("write", &path))?;
+        fs::set_permissions(&path, Permissions::from_mode(0o600)).map_err(io_err("protect", &path))?;
+        key_files.push(path);
+    }
+    let plan = LaunchPlan {
+        spec: opts.spec.clone(),
+        accel,
+        bundle: image.path.clone(),
+        rootfs: layout.rootfs,
+        overlay,
+        kernel,
+        initrd,
+        qmp_socket: dir.join("qmp.sock"),
+        serial_log: dir.join("serial.log"),
+        ssh_port: free_port().map_err(io_err("find a free port on", Path::new("127.0.0.1")))?,
+        fw_cfg: key_files
+            .iter()
+            .map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p.clone()))
+            .collect(),
+    };
+    Ok(RunFiles { plan, keys, key_files, qemu_log: dir.join("qemu.log") })
+}
+
+/// A booted QEMU whose guest reached init, before SSH.
+struct Started {
+    qemu: Supervised,
+    qmp: Qmp,
+    started: Instant,
+}
+
+impl Machine {
+    /// Boots the builder from `image` (which the caller got from
+    /// [`crate::image::Store::open_verified`]) and waits for SSH.
+    pub async fn boot(image: &StoredImage, opts: &BootOptions) -> Result<Machine, VmError> {
+        let boot_start = Instant::now();
+        let tmp = std::env::temp_dir();
+        let run_dir = tempfile::Builder::new()
+            .prefix("reprovm-run-")
+            .permissions(Permissions::from_mode(0o700))
+            .tempdir_in(&tmp)
+            .map_err(io_err("create a run directory in", &tmp))?;
+        let kvm_probe = if opts.accel == AccelChoice::Tcg { Err("not asked for".into()) } else { probe_kvm(Path::new("/dev/kvm")) };
+        let accels = candidates(opts.accel, kvm_probe).map_err(VmError::KvmUnusable)?;
+        let deadline = Deadline::after(opts.boot_timeout);
+        let mut attempt = 0;
+        let mut accel_index = 0;
+        let (files, started) = loop {
+            let accel = accels[accel_index];
+            let files = prepare(image, opts, accel, run_dir.path())?;
+            match start_qemu(&files, opts, deadline).await {
+                Ok(started) => break (files, started),
+                // Port taken between our probe and QEMU's bind: try another.
+                Err(VmError::QemuExited { ref qemu_log, .. }) if qemu_log.contains("host forwarding") && attempt < 3 => {
+                    attempt += 1;
+                }
+                Err(VmError::BootTimeout { accel: "kvm", serial_tail, source }) if accel_index + 1 < accels.len() => {
+                    tracing::warn!(
+                        "KVM opened but the guest did not boot under it ({source}); falling back to TCG{}",
+                        section("serial console", &serial_tail)
+                    );
+                    accel_index += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let Started { mut qemu, mut qmp, started } = started;
+        // QEMU has read the fw_cfg files: the keys leave the disk now.
+        for path in &files.key_files {
+            let _ = fs::remove_file(path);
+        }
+        let serial_log = files.plan.serial_log.clone();
+        let session = wait_for_ssh(&mut qemu, &mut qmp, files.plan.ssh_port, files.keys, &serial_log, &files.qemu_log, deadline).await?;
+        let boot_time = boot_start.elapsed();
+        let (session, facts) = tokio::task::spawn_blocking(move || GuestFacts::collect(&session).map(|f| (session, f)))
+            .await
+            .expect("facts thread panicked")?;
+        facts.check_clock(opts.spec.clock, started.elapsed().as_secs() as i64, 30)?;
+        let version = qmp.version().await?;
+        let launched = LaunchedMachine {
+            qemu_binary: opts.qemu.clone(),
+            qemu_version: version,
+            accelerator: files.plan.accel,
+            machine_type: MACHINE_TYPE.to_string(),
+            cpu: format!("{},{CPU_FEATURES}", opts.spec.cpu_model),
+            spec: opts.spec.clone(),
+        };
+        tracing::info!("builder ready in {:.1}s under {} (SSH on 127.0.0.1:{})", boot_time.as_secs_f64(), launched.accelerator.as_str(), files.plan.ssh_port);
+        Ok(Machine { qemu, qmp, session: Some(session), started, serial_log, launched, facts, boot_time, run_dir })
+    }
+
+    /// The per-run directory (overlay, sockets, logs).
+    pub fn run_dir(&self) -> &Path {
+        self.run_dir.path()
+    }
+
+    /// The serial console log.
+    pub fn serial_log(&self) -> &Path {
+        &self.serial_log
+    }
+
+    /// Seconds since QEMU started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Takes the SSH session (to move it to a blocking thread); give it back
+    /// with [`Machine::put_session`].
+    pub fn take_session(&mut self) -> Option<GuestSession> {
+        self.session.take()
+    }
+
+    /// Returns the SSH session taken with [`Machine::take_session`].
+    pub fn put_session(&mut self, session: GuestSession) {
+        self.session = Some(session);
+    }
+
+    /// Why the VM is no longer usable, if it is not: QEMU exited, the guest
+    /// panicked or stopped.
+    pub fn health(&mut self) -> Result<(), VmError> {
+        check_alive(&mut self.qemu, &mut self.qmp, &self.serial_log, &self.run_dir.path().join("qemu.log"))
+    }
+
+    /// Graceful stop: ACPI power button, then `quit`, then SIGKILL of QEMU's
+    /// process group; the per-run directory goes with `self`.
+    pub async fn shutdown(mut self) {
+        drop(self.session.take());
+        let mut powered_off = false;
+        if self.qmp.powerdown().await.is_ok() {
+            let deadline = Deadline::after(Duration::from_secs(3));
+            while !deadline.passed() {
+                if let Some(GuestEvent::Shutdown { .. }) = self.qmp.next_event(deadline.remaining()).await {
+                    powered_off = true;
+                    break;
+                }
+            }
+        }
+        if !powered_off {
+            tracing::debug!("guest did not power off in time: quitting QEMU");
+            let _ = self.qmp.quit().await;
+        }
+        let mut qemu = self.qemu;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(None) = qemu.wait_for(Duration::from_secs(5)) {
+                let _ = qemu.kill();
+            }
+        })
+        .await;
+        // run_dir is removed as the rest of `self` drops.
+    }
+}
+
+/// Starts QEMU for `files` and waits until the guest's init runs.
+async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) -> Result<Started, VmError> {
+    let plan = &files.plan;
+    let _ = fs::remove_file(&plan.serial_log);
+    let _ = fs::remove_file(&plan.qmp_socket);
+    let log = File::create(&files.qemu_log).map_err(io_err("create", &files.qemu_log))?;
+    let mut cmd = Command::new(&opts.qemu);
+    cmd.args(qemu_args(plan)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    tracing::debug!("QEMU command line: {} {}", opts.qemu.display(), shlex::try_join(qemu_args(plan).iter().map(|a| a.to_str().unwrap_or("?"))).unwrap_or_default());
+    let mut qemu = Supervised::spawn("QEMU", &mut cmd).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => VmError::MissingProgram { program: opts.qemu.display().to_string(), package: "qemu-system-x86" },
+        _ => io_err("start", &opts.qemu)(e),
+    })?;
+    let started = Instant::now();
+    let mut qmp = match Qmp::connect(&plan.qmp_socket, Duration::from_secs(10)).await {
+        Ok(qmp) => qmp,
+        Err(e) => {
+            let _ = qemu.wait_for(Duration::from_millis(500));
+            if let Some(status) = qemu.try_wait().ok().flatten() {
+                return Err(VmError::QemuExited { status: status.to_string(), qemu_log: tail_of(&files.qemu_log, 20), serial_tail: tail_of(&plan.serial_log, 30) });
+            }
+            return Err(e.into());
+        }
+    };
+    let watchdog = match plan.accel {
+        Accelerator::Kvm => Deadline::after(KVM_WATCHDOG.min(deadline.remaining())),
+        Accelerator::Tcg => deadline,
+    };
+    loop {
+        check_alive(&mut qemu, &mut qmp, &plan.serial_log, &files.qemu_log)?;
+        if fs::read(&plan.serial_log).is_ok_and(|b| String::from_utf8_lossy(&b).contains(INIT_MARKER)) {
+            tracing::debug!("guest init started after {:.2}s", started.elapsed().as_secs_f64());
+            return Ok(Started { qemu, qmp, started });
+        }
+        if watchdog.passed() {
+            return Err(VmError::BootTimeout {
+                accel: plan.accel.as_str(),
+                serial_tail: tail_of(&plan.serial_log, 30),
+                source: watchdog.timeout("the guest's init to start (boot watchdog on the serial console)", None),
+            });
+        }
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+}
+
+/// `Err` when QEMU exited or QMP reported a panic or a stop.
+fn check_alive(qemu: &mut Supervised, qmp: &mut Qmp, serial_log: &Path, qemu_log: &Path) -> Result<(), VmError> {
+    if let Some(status) = qemu.try_wait().map_err(io_err("wait for", Path::new("QEMU")))? {
+        let serial_tail = tail_of(serial_log, 30);
+        if serial_tail.contains("Kernel panic") {
+            return Err(VmError::Panicked { serial_tail });
+        }
+        return Err(VmError::QemuExited { status: status.to_string(), qemu_log: tail_of(qemu_log, 20), serial_tail });
+    }
+    match qmp.pending_event() {
+        Some(GuestEvent::Panicked) => Err(VmError::Panicked { serial_tail: tail_of(serial_log, 30) }),
+        Some(event) => Err(VmError::Stopped { event, serial_tail: tail_of(serial_log, 30) }),
+        None => Ok(()),
+    }
+}
+
+/// Polls SSH until an authenticated session works. A wrong host key is final.
+async fn wait_for_ssh(
+    qemu: &mut Supervised,
+    qmp: &mut Qmp,
+    port: u16,
+    keys: RunKeys,
+    serial_log: &Path,
+    qemu_log: &Path,
+    deadline: Deadline,
+) -> Result<GuestSession, VmError> {
+    let keys = std::sync::Arc::new(keys);
+    loop {
+        check_alive(qemu, qmp, serial_log, qemu_log)?;
+        let attempt_keys = keys.clone();
+        let attempt = tokio::task::spawn_blocking(move || GuestSession::connect(port, &attempt_keys)).await.expect("SSH thread panicked");
+        let cause = match attempt {
+            Ok(session) => return Ok(session),
+            Err(GuestError::NotReady(cause)) => cause,
+            Err(source) => return Err(VmError::Ssh { serial_tail: tail_of(serial_log, 30), source }),
+        };
+        if deadline.passed() {
+            return Err(VmError::BootTimeout {
+                accel: "the chosen accelerator",
+                serial_tail: tail_of(serial_log, 30),
+                source: deadline.timeout("an authenticated SSH session", Some(cause)),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
