@@ -25,9 +25,19 @@ pub struct Supervised {
 }
 
 impl Supervised {
-    /// Logs and spawns `cmd` as the leader of a new process group.
+    /// Logs and spawns `cmd` as the leader of a new process group. The child
+    /// is also killed by the kernel if reprovm itself dies (even by SIGKILL).
     pub fn spawn(name: &'static str, cmd: &mut Command) -> io::Result<Supervised> {
         tracing::debug!("spawning {name}: {cmd:?}");
+        // SAFETY: prctl(2) is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd.process_group(0).spawn()?;
         Ok(Supervised { name, child, status: None })
     }

@@ -49,6 +49,7 @@ pub fn boot_options(args: &MachineArgs, image: &StoredImage) -> BootOptions {
         accel: args.accel,
         qemu: args.qemu.clone(),
         boot_timeout: Duration::from_secs(args.boot_timeout),
+        runtime_dir: std::env::temp_dir(),
     }
 }
 
@@ -66,7 +67,7 @@ pub async fn run(args: MachineArgs, command: Vec<String>) -> Result<u8, Error> {
     let session = machine.take_session().expect("a booted machine has a session");
     let wrapped = as_build_user(&line);
     let (session, status) = tokio::task::spawn_blocking(move || {
-        let status = session.exec(&wrapped, &mut io::stdout().lock(), &mut io::stderr().lock());
+        let status = session.exec(&wrapped, &mut io::stdout(), &mut io::stderr());
         (session, status)
     })
     .await
@@ -121,7 +122,7 @@ pub async fn shell(args: MachineArgs) -> Result<u8, Error> {
     let (session, status) = tokio::task::spawn_blocking(move || {
         let raw = io::stdin().is_terminal().then(RawTerminal::enable);
         let stdin = io::stdin();
-        let status = session.shell(&term, terminal_size(), stdin.as_fd(), &mut io::stdout().lock());
+        let status = session.shell(&term, terminal_size(), stdin.as_fd(), &mut io::stdout());
         drop(raw);
         let _ = io::stdout().flush();
         (session, status)

@@ -87,7 +87,7 @@ impl GuestSession {
         socket.set_nodelay(true).map_err(io_err("set TCP_NODELAY"))?;
         let mut session = ssh2::Session::new().map_err(ssh_err("session set-up"))?;
         session.set_tcp_stream(socket.try_clone().map_err(io_err("clone the socket"))?);
-        session.set_timeout(5_000);
+        session.set_timeout(2_000);
         session.method_pref(ssh2::MethodType::HostKey, "ssh-ed25519").map_err(ssh_err("host key preference"))?;
         session.handshake().map_err(|e| GuestError::NotReady(format!("SSH handshake: {e}")))?;
         let (blob, _) = session.host_key().ok_or_else(|| GuestError::NotReady("no host key offered".into()))?;

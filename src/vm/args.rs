@@ -121,6 +121,9 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
     push(&["-netdev", &format!("user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22", plan.ssh_port)]);
     push(&["-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"]);
     push(&["-device", "pvpanic"]);
+    // Without a hardware RNG a Nehalem guest's kernel takes seconds to seed
+    // its CRNG, and sshd waits for it.
+    push(&["-device", "virtio-rng-pci"]);
     for (name, path) in &plan.fw_cfg {
         push(&["-fw_cfg", &format!("name=opt/reprovm/{name},file={}", p(path))]);
     }
@@ -173,6 +176,7 @@ mod tests {
             "-netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22",
             "-device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56",
             "-device pvpanic",
+            "-device virtio-rng-pci",
             "-fw_cfg name=opt/reprovm/authorized_keys,file=/tmp/reprovm-run-X/authorized_keys",
         ]
         .join(" ");

@@ -26,6 +26,9 @@ use crate::vm::qmp::{GuestEvent, Qmp, QmpError};
 
 /// What the guest's init prints on the serial console once userspace runs.
 const INIT_MARKER: &str = "reprovm-init: started";
+/// What it prints once the network is up and the keys are in place: SSH
+/// attempts before that would sit in user-mode networking's SYN retries.
+const NETWORK_MARKER: &str = "reprovm-init: keys installed";
 /// How long a KVM guest may take to reach init before KVM is declared unusable.
 const KVM_WATCHDOG: Duration = Duration::from_secs(20);
 /// How often the boot watchdog looks at the console and at QEMU.
@@ -42,6 +45,8 @@ pub struct BootOptions {
     pub qemu: PathBuf,
     /// Limit for the whole boot, up to an authenticated SSH session.
     pub boot_timeout: Duration,
+    /// Where the private per-run directory is created (normally $TMPDIR).
+    pub runtime_dir: PathBuf,
 }
 
 /// The machine as launched, for the result.
@@ -90,6 +95,9 @@ pub enum VmError {
     /// `--accel kvm` was asked for but KVM cannot be used.
     #[error("KVM cannot be used: {0}")]
     KvmUnusable(String),
+    /// `--accel kvm`: the builder did not boot under KVM.
+    #[error("KVM cannot be used: the builder did not boot under it (use --accel tcg or auto)")]
+    KvmFailed(#[source] Box<VmError>),
     /// QEMU exited before the guest was ready.
     #[error("QEMU exited ({status}) before the builder was ready{}{}", section("QEMU said", qemu_log), section("serial console (last lines)", serial_tail))]
     QemuExited {
@@ -175,6 +183,7 @@ pub struct Machine {
     qemu: Supervised,
     qmp: Qmp,
     session: Option<GuestSession>,
+    ssh_port: u16,
     started: Instant,
     serial_log: PathBuf,
     /// The machine as launched.
@@ -261,12 +270,12 @@ impl Machine {
     /// [`crate::image::Store::open_verified`]) and waits for SSH.
     pub async fn boot(image: &StoredImage, opts: &BootOptions) -> Result<Machine, VmError> {
         let boot_start = Instant::now();
-        let tmp = std::env::temp_dir();
+        let tmp = &opts.runtime_dir;
         let run_dir = tempfile::Builder::new()
             .prefix("reprovm-run-")
             .permissions(Permissions::from_mode(0o700))
-            .tempdir_in(&tmp)
-            .map_err(io_err("create a run directory in", &tmp))?;
+            .tempdir_in(tmp)
+            .map_err(io_err("create a run directory in", tmp))?;
         let kvm_probe = if opts.accel == AccelChoice::Tcg { Err("not asked for".into()) } else { probe_kvm(Path::new("/dev/kvm")) };
         let accels = candidates(opts.accel, kvm_probe).map_err(VmError::KvmUnusable)?;
         let deadline = Deadline::after(opts.boot_timeout);
@@ -281,11 +290,13 @@ impl Machine {
                 Err(VmError::QemuExited { ref qemu_log, .. }) if qemu_log.contains("host forwarding") && attempt < 3 => {
                     attempt += 1;
                 }
-                Err(VmError::BootTimeout { accel: "kvm", serial_tail, source }) if accel_index + 1 < accels.len() => {
-                    tracing::warn!(
-                        "KVM opened but the guest did not boot under it ({source}); falling back to TCG{}",
-                        section("serial console", &serial_tail)
-                    );
+                // A /dev/kvm that opens but cannot run the pinned machine:
+                // QEMU refuses the CPU model, or the guest hangs (watchdog).
+                Err(e @ (VmError::BootTimeout { .. } | VmError::QemuExited { .. })) if accel == Accelerator::Kvm => {
+                    if accel_index + 1 == accels.len() {
+                        return Err(VmError::KvmFailed(Box::new(e)));
+                    }
+                    tracing::warn!("KVM is present but the builder does not boot under it; falling back to TCG: {e}");
                     accel_index += 1;
                 }
                 Err(e) => return Err(e),
@@ -313,12 +324,23 @@ impl Machine {
             spec: opts.spec.clone(),
         };
         tracing::info!("builder ready in {:.1}s under {} (SSH on 127.0.0.1:{})", boot_time.as_secs_f64(), launched.accelerator.as_str(), files.plan.ssh_port);
-        Ok(Machine { qemu, qmp, session: Some(session), started, serial_log, launched, facts, boot_time, run_dir })
+        let ssh_port = files.plan.ssh_port;
+        Ok(Machine { qemu, qmp, session: Some(session), ssh_port, started, serial_log, launched, facts, boot_time, run_dir })
     }
 
     /// The per-run directory (overlay, sockets, logs).
     pub fn run_dir(&self) -> &Path {
         self.run_dir.path()
+    }
+
+    /// The host port forwarded to the guest's sshd (on 127.0.0.1).
+    pub fn ssh_port(&self) -> u16 {
+        self.ssh_port
+    }
+
+    /// The QMP monitor.
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
     }
 
     /// The serial console log.
@@ -349,8 +371,9 @@ impl Machine {
     }
 
     /// Graceful stop: ACPI power button, then `quit`, then SIGKILL of QEMU's
-    /// process group; the per-run directory goes with `self`.
-    pub async fn shutdown(mut self) {
+    /// process group; the per-run directory goes with `self`. Returns whether
+    /// the guest powered itself off.
+    pub async fn shutdown(mut self) -> bool {
         drop(self.session.take());
         let mut powered_off = false;
         if self.qmp.powerdown().await.is_ok() {
@@ -374,6 +397,7 @@ impl Machine {
         })
         .await;
         // run_dir is removed as the rest of `self` drops.
+        powered_off
     }
 }
 
@@ -451,6 +475,17 @@ async fn wait_for_ssh(
     let keys = std::sync::Arc::new(keys);
     loop {
         check_alive(qemu, qmp, serial_log, qemu_log)?;
+        if !fs::read(serial_log).is_ok_and(|b| String::from_utf8_lossy(&b).contains(NETWORK_MARKER)) {
+            if deadline.passed() {
+                return Err(VmError::BootTimeout {
+                    accel: "the chosen accelerator",
+                    serial_tail: tail_of(serial_log, 30),
+                    source: deadline.timeout("the guest's network and keys", None),
+                });
+            }
+            tokio::time::sleep(WATCH_INTERVAL).await;
+            continue;
+        }
         let attempt_keys = keys.clone();
         let attempt = tokio::task::spawn_blocking(move || GuestSession::connect(port, &attempt_keys)).await.expect("SSH thread panicked");
         let cause = match attempt {

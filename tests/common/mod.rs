@@ -1,0 +1,109 @@
+//! Helpers shared by the integration tests: the binary, isolated stores, and
+//! the builder image the VM tests boot.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A `reprovm` command with an isolated cache (store) and TMPDIR.
+pub fn reprovm(env: &TestEnv) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reprovm"));
+    cmd.env("XDG_CACHE_HOME", &env.cache).env("TMPDIR", &env.tmp).env_remove("REPROVM_IMAGE");
+    cmd
+}
+
+/// Private directories for one test.
+pub struct TestEnv {
+    pub root: tempfile::TempDir,
+    pub cache: PathBuf,
+    pub tmp: PathBuf,
+}
+
+impl TestEnv {
+    pub fn new() -> TestEnv {
+        let root = tempfile::tempdir().unwrap();
+        let cache = root.path().join("cache");
+        let tmp = root.path().join("tmp");
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::create_dir_all(&tmp).unwrap();
+        TestEnv { root, cache, tmp }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Files left in this test's TMPDIR.
+    pub fn leftovers(&self) -> Vec<PathBuf> {
+        walk(&self.tmp)
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.push(entry.path());
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            out.extend(walk(&entry.path()));
+        }
+    }
+    out
+}
+
+/// stdout, stderr and exit code as text, for assertions.
+pub fn text(out: &Output) -> (String, String, i32) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// The builder image the VM tests boot: `REPROVM_TEST_IMAGE` (a pin in the
+/// user's store, set by scripts/test). VM tests are `#[ignore]`d by default
+/// and run by scripts/test with --include-ignored; without an image they
+/// panic with the reason, so a VM test is never counted as passed unrun.
+pub fn test_image() -> (String, PathBuf) {
+    let pin = std::env::var("REPROVM_TEST_IMAGE").unwrap_or_else(|_| {
+        panic!("VM test needs REPROVM_TEST_IMAGE (a builder image pin in the store); run it through scripts/test")
+    });
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+    (pin, cache)
+}
+
+/// A `reprovm` command that sees the real store (for the test image) but
+/// keeps its per-run files in `tmp`.
+pub fn reprovm_vm(tmp: &Path) -> Command {
+    reprovm_vm_wrapped(tmp, &[])
+}
+
+/// Like [`reprovm_vm`], run through `wrapper` (e.g. `taskset -c 0`).
+pub fn reprovm_vm_wrapped(tmp: &Path, wrapper: &[&str]) -> Command {
+    let (pin, cache) = test_image();
+    let mut cmd = match wrapper {
+        [] => Command::new(env!("CARGO_BIN_EXE_reprovm")),
+        [program, args @ ..] => {
+            let mut c = Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_reprovm"));
+            c
+        }
+    };
+    cmd.env("XDG_CACHE_HOME", cache).env("TMPDIR", tmp).env("REPROVM_IMAGE", pin).env_remove("REPROVM_QEMU");
+    cmd
+}
+
+/// QEMU processes whose command line mentions `needle`.
+pub fn qemu_processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains("qemu-system") && cmdline.contains(needle) {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}

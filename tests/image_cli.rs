@@ -1,0 +1,180 @@
+//! `reprovm image` without a VM: import, fetch, list, verify, bad input.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use common::{reprovm, text, TestEnv};
+use reprovm::image::bundle::{write_bundle, ImageMetadata, FORMAT_VERSION};
+use reprovm::image::pin::hash_file;
+
+fn small_bundle(dir: &Path) -> PathBuf {
+    let metadata = ImageMetadata {
+        format: FORMAT_VERSION,
+        name: "tiny".into(),
+        distribution: "debian bookworm".into(),
+        architecture: "amd64".into(),
+        mirror: "http://deb.debian.org/debian".into(),
+        source_date_epoch: 1_732_492_800,
+        recipe_sha256: "0".repeat(64),
+        kernel_release: "6.1.0-test".into(),
+        rootfs_label: "builder-root".into(),
+        packages: vec!["base-files=12.4".into()],
+    };
+    let parts: Vec<PathBuf> = ["k", "i", "r"]
+        .iter()
+        .map(|n| {
+            let p = dir.join(n);
+            std::fs::write(&p, vec![n.as_bytes()[0]; 100_000]).unwrap();
+            p
+        })
+        .collect();
+    let out = dir.join("tiny.img");
+    write_bundle(std::fs::File::create(&out).unwrap(), &metadata, &parts[0], &parts[1], &parts[2]).unwrap();
+    out
+}
+
+fn store_entries(env: &TestEnv) -> Vec<String> {
+    let images = env.cache.join("reprovm/images");
+    std::fs::read_dir(images).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+}
+
+#[test]
+fn import_list_verify_round_trip() {
+    let env = TestEnv::new();
+    let bundle = small_bundle(env.path());
+    let pin = hash_file(&bundle).unwrap();
+    let (out, err, code) = text(&reprovm(&env).args(["image", "import"]).arg(&bundle).args(["--sha256", &pin.hex()]).output().unwrap());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().last().unwrap(), pin.to_string());
+    let (out, _, code) = text(&reprovm(&env).args(["image", "list"]).output().unwrap());
+    assert_eq!(code, 0);
+    assert!(out.contains(&pin.to_string()) && out.contains("tiny") && out.contains("2024-11-25") && out.contains("debian bookworm"), "{out}");
+    let (out, _, code) = text(&reprovm(&env).args(["image", "verify"]).output().unwrap());
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("ok       {pin}")), "{out}");
+}
+
+#[test]
+fn import_of_a_flipped_byte_exits_3_naming_the_expected_hash() {
+    let env = TestEnv::new();
+    let bundle = small_bundle(env.path());
+    let pin = hash_file(&bundle).unwrap();
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    let flipped = env.path().join("flipped.img");
+    std::fs::write(&flipped, &bytes).unwrap();
+    let (_, err, code) = text(&reprovm(&env).args(["image", "import"]).arg(&flipped).args(["--sha256", &pin.to_string()]).output().unwrap());
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(&format!("expected {pin}")), "{err}");
+    assert!(err.contains("actual sha256:"), "{err}");
+    assert!(store_entries(&env).is_empty(), "nothing may enter the store: {:?}", store_entries(&env));
+}
+
+#[test]
+fn garbage_and_truncated_bundles_are_refused() {
+    let env = TestEnv::new();
+    let garbage = env.path().join("garbage.img");
+    std::fs::write(&garbage, vec![0x42u8; 50_000]).unwrap();
+    let bundle = small_bundle(env.path());
+    let truncated = env.path().join("truncated.img");
+    let bytes = std::fs::read(&bundle).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    for file in [&garbage, &truncated] {
+        let (_, err, code) = text(&reprovm(&env).args(["image", "import"]).arg(file).output().unwrap());
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("not a usable reprovm image bundle"), "{err}");
+    }
+    assert!(store_entries(&env).is_empty());
+}
+
+#[test]
+fn a_bad_pin_flag_is_a_usage_error() {
+    let env = TestEnv::new();
+    let bundle = small_bundle(env.path());
+    let (_, err, code) = text(&reprovm(&env).args(["image", "import"]).arg(&bundle).args(["--sha256", "xyz"]).output().unwrap());
+    assert_eq!(code, 2);
+    assert!(err.contains("--sha256") && err.contains("xyz"), "{err}");
+}
+
+#[test]
+fn recipe_with_unknown_field_or_bad_value_exits_2_naming_file_field_value() {
+    let env = TestEnv::new();
+    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/debian-bookworm-amd64/image.toml")).unwrap();
+    for (name, text_, field, value) in [
+        ("unknown", format!("{shipped}\nflavour = \"vanilla\"\n"), "flavour", ""),
+        ("badarch", shipped.replace("architecture = \"amd64\"", "architecture = \"sparc\""), "architecture", "sparc"),
+    ] {
+        let dir = env.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("image.toml"), text_).unwrap();
+        let (_, err, code) = text(&reprovm(&env).args(["image", "build"]).arg(&dir).output().unwrap());
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(&dir.join("image.toml").display().to_string()), "{err}");
+        assert!(err.contains(field) && err.contains(value), "{err}");
+    }
+}
+
+/// Serves one file over HTTP on 127.0.0.1, optionally cut short.
+fn serve_once(body: Vec<u8>, advertised_len: usize) -> (u16, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let mut request = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut request);
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {advertised_len}\r\nConnection: close\r\n\r\n");
+            let _ = stream.write_all(&body);
+        }
+    });
+    (port, handle)
+}
+
+#[test]
+fn fetch_verifies_and_refuses_partial_or_wrong_downloads() {
+    let env = TestEnv::new();
+    let bundle = small_bundle(env.path());
+    let bytes = std::fs::read(&bundle).unwrap();
+    let pin = hash_file(&bundle).unwrap();
+
+    // Cut short: the server promises more than it sends.
+    let (port, h) = serve_once(bytes[..bytes.len() / 3].to_vec(), bytes.len());
+    let url = format!("http://127.0.0.1:{port}/tiny.img");
+    let (_, err, code) = text(&reprovm(&env).args(["image", "fetch", &url, "--sha256", &pin.hex()]).output().unwrap());
+    h.join().unwrap();
+    assert_ne!(code, 0, "{err}");
+    assert!(store_entries(&env).is_empty());
+
+    // Whole but not what the pin says.
+    let (port, h) = serve_once(bytes.clone(), bytes.len());
+    let url = format!("http://127.0.0.1:{port}/tiny.img");
+    let wrong = "ab".repeat(32);
+    let (_, err, code) = text(&reprovm(&env).args(["image", "fetch", &url, "--sha256", &wrong]).output().unwrap());
+    h.join().unwrap();
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(&format!("expected sha256:{wrong}")), "{err}");
+    assert!(store_entries(&env).is_empty());
+
+    // Right.
+    let (port, h) = serve_once(bytes.clone(), bytes.len());
+    let url = format!("http://127.0.0.1:{port}/tiny.img");
+    let (out, err, code) = text(&reprovm(&env).args(["image", "fetch", &url, "--sha256", &pin.hex()]).output().unwrap());
+    h.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), pin.to_string());
+    assert_eq!(store_entries(&env), [pin.hex()]);
+}
+
+#[test]
+fn concurrent_cli_imports_leave_one_intact_entry() {
+    let env = TestEnv::new();
+    let bundle = small_bundle(env.path());
+    let children: Vec<_> = (0..4).map(|_| reprovm(&env).args(["image", "import"]).arg(&bundle).spawn().unwrap()).collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    assert_eq!(store_entries(&env).len(), 1);
+    assert_eq!(text(&reprovm(&env).args(["image", "verify"]).output().unwrap()).2, 0);
+}

@@ -1,0 +1,201 @@
+//! VM integration tests: a real QEMU booting the real builder image under
+//! TCG (or KVM where it works). They are `#[ignore]`d so a plain `cargo test`
+//! reports them as skipped; scripts/test runs them with --include-ignored
+//! once it has a builder image (REPROVM_TEST_IMAGE).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{qemu_processes_mentioning, reprovm_vm, reprovm_vm_wrapped, test_image, text, TestEnv};
+use reprovm::guest::{GuestError, GuestSession, RunKeys};
+use reprovm::image::Store;
+use reprovm::vm::{AccelChoice, BootOptions, Machine, MachineSpec};
+
+const FACTS: &str = "nproc; date -u +%F; grep -m1 flags /proc/cpuinfo; exit 7";
+
+fn assert_nothing_left(env: &TestEnv) {
+    let tmp = env.tmp.display().to_string();
+    assert!(qemu_processes_mentioning(&tmp).is_empty(), "QEMU still running: {:?}", qemu_processes_mentioning(&tmp));
+    assert!(env.leftovers().is_empty(), "left behind: {:?}", env.leftovers());
+}
+
+/// One way of running reprovm on this host.
+struct Variation {
+    name: &'static str,
+    wrapper: &'static [&'static str],
+    accel: &'static str,
+    cwd: &'static str,
+    env: &'static [(&'static str, &'static str)],
+}
+
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn the_guest_sees_the_same_machine_whatever_the_host() {
+    let base = TestEnv::new();
+    let variations = [
+        Variation { name: "plain", wrapper: &[], accel: "tcg", cwd: ".", env: &[] },
+        Variation { name: "taskset -c 0", wrapper: &["taskset", "-c", "0"], accel: "tcg", cwd: ".", env: &[] },
+        Variation {
+            name: "cwd / with TZ and locale",
+            wrapper: &[],
+            accel: "tcg",
+            cwd: "/",
+            env: &[("TZ", "Pacific/Kiritimati"), ("LANG", "tr_TR.UTF-8"), ("LC_ALL", "tr_TR.UTF-8")],
+        },
+        Variation { name: "--accel auto", wrapper: &[], accel: "auto", cwd: ".", env: &[] },
+    ];
+    let mut first: Option<String> = None;
+    for v in &variations {
+        let mut cmd = reprovm_vm_wrapped(&base.tmp, v.wrapper);
+        cmd.args(["run", "--accel", v.accel, "--", "sh", "-c", FACTS]).current_dir(v.cwd).envs(v.env.iter().copied());
+        let (out, err, code) = text(&cmd.output().unwrap());
+        assert_eq!(code, 7, "{}: the command's exit status must come back: {err}", v.name);
+        assert_eq!(out.lines().count(), 3, "{}: {out}", v.name);
+        match &first {
+            None => {
+                assert_eq!(out.lines().next(), Some("2"));
+                first = Some(out);
+            }
+            Some(expected) => assert_eq!(&out, expected, "{} changed what the guest sees: {err}", v.name),
+        }
+    }
+    assert_nothing_left(&base);
+}
+
+/// Spawns `reprovm run` with its stderr lines sent to the returned channel.
+fn spawn_run(env: &TestEnv, command: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = reprovm_vm(&env.tmp)
+        .args(["run", "--accel", "tcg", "--"])
+        .args(command)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) -> Vec<String> {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while start.elapsed() < limit {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let hit = line.contains(needle);
+            seen.push(line);
+            if hit {
+                return seen;
+            }
+        }
+    }
+    panic!("no {needle:?} within {limit:?}; stderr so far: {seen:#?}");
+}
+
+fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn sigint_during_a_command_exits_130_and_leaves_nothing() {
+    let env = TestEnv::new();
+    let (mut child, rx) = spawn_run(&env, &["sleep", "600"]);
+    wait_for_line(&rx, "builder ready", Duration::from_secs(300));
+    std::thread::sleep(Duration::from_secs(3));
+    signal(&child, nix::sys::signal::Signal::SIGINT);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_nothing_left(&env);
+}
+
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn sigterm_during_boot_exits_130_and_leaves_nothing() {
+    let env = TestEnv::new();
+    let (mut child, rx) = spawn_run(&env, &["true"]);
+    // The image is verified, then QEMU starts: interrupt while it boots.
+    wait_for_line(&rx, "verified", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_nothing_left(&env);
+}
+
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn forced_kvm_boots_or_fails_clearly_with_exit_4() {
+    let env = TestEnv::new();
+    let start = Instant::now();
+    let (out, err, code) = text(&reprovm_vm(&env.tmp).args(["run", "--accel", "kvm", "--", "nproc"]).output().unwrap());
+    match code {
+        0 => assert_eq!(out.trim(), "2"),
+        4 => assert!(err.contains("KVM cannot be used"), "{err}"),
+        other => panic!("--accel kvm exited {other}: {err}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(120), "a KVM that cannot boot must be detected by the watchdog");
+    assert_nothing_left(&env);
+}
+
+/// One booted builder shared by several checks: QMP against the real QEMU,
+/// the host-key check, the guest facts, and the graceful power-off.
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn one_builder_qmp_host_key_facts_and_powerdown() {
+    let (pin, cache) = test_image();
+    let store = Store::at(cache.join("reprovm/images"));
+    let image = store.open_verified(pin.parse().unwrap()).unwrap();
+    let env = TestEnv::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = BootOptions {
+            spec: MachineSpec { cpu_model: "Nehalem-v1".into(), cpus: 2, memory_mib: 1024, clock: 1_700_000_000 },
+            accel: AccelChoice::Tcg,
+            qemu: "qemu-system-x86_64".into(),
+            boot_timeout: Duration::from_secs(300),
+            runtime_dir: env.tmp.clone(),
+        };
+        let mut machine = Machine::boot(&image, &opts).await.unwrap();
+        // QMP commands used by reprovm, against the real QEMU.
+        let (running, state) = machine.qmp().status().await.unwrap();
+        assert!(running && state == "running", "{state}");
+        assert!(machine.qmp().version().await.unwrap().starts_with(char::is_numeric));
+        // The pinned machine as the guest sees it.
+        assert_eq!(machine.facts.nproc, 2);
+        assert_eq!(machine.facts.hostname, "builder");
+        assert!(machine.facts.cpu_model.contains("Nehalem"), "{}", machine.facts.cpu_model);
+        assert!(machine.facts.clock >= 1_700_000_000 && machine.facts.clock < 1_700_000_000 + 600);
+        assert!(machine.facts.memory_kib > 900_000 && machine.facts.memory_kib <= 1024 * 1024);
+        // Only the host key made for this run is accepted.
+        let port = machine.ssh_port();
+        let impostor_view = tokio::task::spawn_blocking(move || GuestSession::connect(port, &RunKeys::generate().unwrap()))
+            .await
+            .unwrap();
+        assert!(matches!(impostor_view, Err(GuestError::HostKeyMismatch { .. })), "a different host key must be refused");
+        // The session of this run works and runs commands as root.
+        let session = machine.take_session().unwrap();
+        let (session, result) = tokio::task::spawn_blocking(move || {
+            let r = session.exec_capture("id -un; ls -ld /run/reprovm");
+            (session, r)
+        })
+        .await
+        .unwrap();
+        let (status, out, _) = result.unwrap();
+        assert_eq!(status, 0);
+        assert!(out.starts_with("root\n"), "{out}");
+        machine.put_session(session);
+        let run_dir = machine.run_dir().to_path_buf();
+        assert!(machine.shutdown().await, "the guest must power off on system_powerdown");
+        assert!(!run_dir.exists());
+    });
+    assert_nothing_left(&env);
+}
