@@ -14,6 +14,8 @@ pub mod guest;
 pub mod image;
 /// SIGINT/SIGTERM: a process-wide flag every stage checks or awaits.
 pub mod interrupt;
+/// The error for a failed operation on a path, shared by the stages.
+pub mod path_error;
 /// Supervised child processes: own process group, graceful stop, always reaped.
 pub mod process;
 /// The machine stage: QEMU arguments, accelerator choice, QMP, VM lifecycle.

@@ -199,3 +199,68 @@ fn one_builder_qmp_host_key_facts_and_powerdown() {
     });
     assert_nothing_left(&env);
 }
+
+/// Every QMP command reprovm sends, against the real QEMU (no guest needed).
+#[test]
+#[ignore = "starts QEMU: run through scripts/test"]
+fn qmp_commands_work_against_the_real_qemu() {
+    let env = TestEnv::new();
+    let socket = env.tmp.join("qmp.sock");
+    let mut qemu = reprovm::process::Supervised::spawn(
+        "QEMU",
+        std::process::Command::new("qemu-system-x86_64")
+            .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", socket.display())),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut qmp = reprovm::vm::qmp::Qmp::connect(&socket, Duration::from_secs(10)).await.unwrap();
+        let (running, state) = qmp.status().await.unwrap();
+        assert!(!running && state == "prelaunch", "{state}");
+        assert!(qmp.version().await.unwrap().starts_with(char::is_numeric));
+        qmp.powerdown().await.unwrap();
+        qmp.quit().await.unwrap();
+        let event = qmp.next_event(Duration::from_secs(5)).await;
+        assert!(matches!(event, Some(reprovm::vm::qmp::GuestEvent::Shutdown { guest: false, .. })), "{event:?}");
+    });
+    assert!(qemu.wait_for(Duration::from_secs(10)).unwrap().is_some(), "QEMU must exit on quit");
+}
+
+/// A kernel panic in the guest is reported as such (pvpanic → GUEST_PANICKED,
+/// or the serial console), and the machine still cleans up.
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn a_guest_kernel_panic_is_reported() {
+    let (pin, cache) = test_image();
+    let image = Store::at(cache.join("reprovm/images")).open_verified(pin.parse().unwrap()).unwrap();
+    let env = TestEnv::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = BootOptions {
+            spec: MachineSpec { cpu_model: "Nehalem-v1".into(), cpus: 1, memory_mib: 512, clock: 1_700_000_000 },
+            accel: AccelChoice::Tcg,
+            qemu: "qemu-system-x86_64".into(),
+            boot_timeout: Duration::from_secs(300),
+            runtime_dir: env.tmp.clone(),
+        };
+        let mut machine = Machine::boot(&image, &opts).await.unwrap();
+        let session = machine.take_session().unwrap();
+        // The SSH command never returns normally: the kernel dies under it.
+        tokio::task::spawn_blocking(move || {
+            let _ = session.exec_capture("echo c > /proc/sysrq-trigger");
+        });
+        let start = Instant::now();
+        let err = loop {
+            if let Err(e) = machine.health() {
+                break e;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "the panic was not noticed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(matches!(err, reprovm::vm::VmError::Panicked { .. }), "{err}");
+        assert!(err.to_string().contains("Kernel panic"), "{err}");
+    });
+    assert_nothing_left(&env);
+}

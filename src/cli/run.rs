@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{parse_pin, Error, MachineArgs};
 use crate::guest::session::as_build_user;
+use crate::guest::{GuestError, GuestSession};
 use crate::image::{Pin, Store, StoredImage};
-use crate::vm::{BootOptions, Machine, MachineSpec};
+use crate::vm::machine::tail_of;
+use crate::vm::{BootOptions, Machine, MachineSpec, VmError};
 
 /// Picks the image: the pin given, or the store's only image.
 pub fn resolve_image(store: &Store, flag: Option<&str>) -> Result<Pin, Error> {
@@ -60,22 +62,31 @@ async fn boot(args: &MachineArgs) -> Result<Machine, Error> {
     Ok(Machine::boot(&image, &boot_options(args, &image)).await?)
 }
 
-/// `reprovm run -- CMD...`: exits with CMD's status.
-pub async fn run(args: MachineArgs, command: Vec<String>) -> Result<u8, Error> {
-    let line = shlex::try_join(command.iter().map(String::as_str)).map_err(|_| Error::BadCommand)?;
-    let mut machine = boot(&args).await?;
+/// Runs `work` with the machine's SSH session on a blocking thread (ssh2
+/// blocks), shuts the machine down, and returns the remote exit status.
+async fn in_session(
+    mut machine: Machine,
+    work: impl FnOnce(&GuestSession) -> Result<i32, GuestError> + Send + 'static,
+) -> Result<u8, Error> {
     let session = machine.take_session().expect("a booted machine has a session");
-    let wrapped = as_build_user(&line);
     let (session, status) = tokio::task::spawn_blocking(move || {
-        let status = session.exec(&wrapped, &mut io::stdout(), &mut io::stderr());
+        let status = work(&session);
         (session, status)
     })
     .await
     .expect("SSH thread panicked");
     machine.put_session(session);
-    let status = status.map_err(|source| Error::Vm(crate::vm::VmError::Ssh { serial_tail: String::new(), source }))?;
+    let status = status.map_err(|source| VmError::Ssh { serial_tail: tail_of(machine.serial_log(), 30), source })?;
     machine.shutdown().await;
     Ok(u8::try_from(status).unwrap_or(255))
+}
+
+/// `reprovm run -- CMD...`: exits with CMD's status.
+pub async fn run(args: MachineArgs, command: Vec<String>) -> Result<u8, Error> {
+    let line = shlex::try_join(command.iter().map(String::as_str)).map_err(|_| Error::BadCommand)?;
+    let wrapped = as_build_user(&line);
+    let machine = boot(&args).await?;
+    in_session(machine, move |session| session.exec(&wrapped, &mut io::stdout(), &mut io::stderr())).await
 }
 
 /// Puts the terminal in raw mode until dropped.
@@ -116,21 +127,15 @@ fn terminal_size() -> (u32, u32) {
 
 /// `reprovm shell`: an interactive PTY shell as the build user.
 pub async fn shell(args: MachineArgs) -> Result<u8, Error> {
-    let mut machine = boot(&args).await?;
-    let session = machine.take_session().expect("a booted machine has a session");
     let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
-    let (session, status) = tokio::task::spawn_blocking(move || {
+    let machine = boot(&args).await?;
+    in_session(machine, move |session| {
         let raw = io::stdin().is_terminal().then(RawTerminal::enable);
         let stdin = io::stdin();
         let status = session.shell(&term, terminal_size(), stdin.as_fd(), &mut io::stdout());
         drop(raw);
         let _ = io::stdout().flush();
-        (session, status)
+        status
     })
     .await
-    .expect("shell thread panicked");
-    machine.put_session(session);
-    let status = status.map_err(|source| Error::Vm(crate::vm::VmError::Ssh { serial_tail: String::new(), source }))?;
-    machine.shutdown().await;
-    Ok(u8::try_from(status).unwrap_or(255))
 }

@@ -24,6 +24,7 @@ use crate::image::recipe::{ImageRecipe, RecipeError};
 use crate::image::store::{Store, StoreError, StoredImage};
 use crate::interrupt::{self, Interrupted};
 use crate::process::Supervised;
+use crate::path_error::{path_error, PathError};
 use crate::Exit;
 
 /// Label of the root filesystem.
@@ -64,6 +65,18 @@ pub enum BuildError {
         /// The Debian package that provides it.
         package: &'static str,
     },
+    /// A host tool is too old for what the build needs.
+    #[error("{tool} {found} is too old: version {needed} or later is needed; install the Debian package {package}")]
+    ToolTooOld {
+        /// The program.
+        tool: &'static str,
+        /// The version found.
+        found: String,
+        /// The minimum version.
+        needed: &'static str,
+        /// Where to get a newer one.
+        package: &'static str,
+    },
     /// A host tool exited with failure.
     #[error("{tool} failed ({status}){}", if log_tail.is_empty() { String::new() } else { format!("; last output:\n{log_tail}") })]
     ToolFailed {
@@ -80,17 +93,9 @@ pub enum BuildError {
         /// What is missing.
         what: &'static str,
     },
-    /// A file could not be read or written.
-    #[error("cannot {action} {path}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path involved.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    /// A file operation failed.
+    #[error(transparent)]
+    Io(#[from] PathError),
     /// SIGINT or SIGTERM arrived.
     #[error(transparent)]
     Interrupted(#[from] Interrupted),
@@ -108,10 +113,6 @@ impl BuildError {
             _ => Exit::Usage,
         }
     }
-}
-
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildError + 'a {
-    move |source| BuildError::Io { action, path: path.to_path_buf(), source }
 }
 
 /// A command with nothing of the host's environment: fixed PATH, locale,
@@ -139,18 +140,18 @@ fn clean_command(program: &str, epoch: i64, tmpdir: &Path) -> Command {
 /// SIGTERM (mmdebstrap then unmounts and cleans up) before we return.
 fn run_logged(tool: &'static str, package: &'static str, cmd: &mut Command, log: &Path) -> Result<(), BuildError> {
     tracing::info!("running {tool}");
-    let log_file = File::create(log).map_err(io_err("create", log))?;
-    cmd.stdin(Stdio::null()).stdout(log_file.try_clone().map_err(io_err("open", log))?).stderr(log_file);
+    let log_file = File::create(log).map_err(path_error("create", log))?;
+    cmd.stdin(Stdio::null()).stdout(log_file.try_clone().map_err(path_error("open", log))?).stderr(log_file);
     let mut child = Supervised::spawn(tool, cmd).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => BuildError::MissingTool { tool, package },
-        _ => BuildError::Io { action: "run", path: PathBuf::from(tool), source: e },
+        _ => path_error("run", Path::new(tool))(e).into(),
     })?;
     let status = loop {
         if let Err(interrupted) = interrupt::check() {
-            child.terminate(Duration::from_secs(60)).map_err(io_err("stop", Path::new(tool)))?;
+            child.terminate(Duration::from_secs(60)).map_err(path_error("stop", Path::new(tool)))?;
             return Err(interrupted.into());
         }
-        if let Some(status) = child.wait_for(Duration::from_millis(200)).map_err(io_err("wait for", Path::new(tool)))? {
+        if let Some(status) = child.wait_for(Duration::from_millis(200)).map_err(path_error("wait for", Path::new(tool)))? {
             break status;
         }
     };
@@ -161,6 +162,32 @@ fn run_logged(tool: &'static str, package: &'static str, cmd: &mut Command, log:
     let lines: Vec<&str> = text.lines().collect();
     let log_tail = lines[lines.len().saturating_sub(25)..].join("\n");
     Err(BuildError::ToolFailed { tool, status, log_tail })
+}
+
+/// mke2fs populates a filesystem from a tar (`-d FILE.tar`) since 1.47.1.
+const MKE2FS_MIN: (u32, u32, u32) = (1, 47, 1);
+/// Where to get e2fsprogs 1.47.1 or later (with its libarchive).
+const E2FSPROGS_PACKAGE: &str = "e2fsprogs (>= 1.47.1, from bookworm-backports on bookworm) and libarchive13";
+
+/// Fails early, before minutes of mmdebstrap, when a needed tool is missing
+/// or too old.
+fn check_tools() -> Result<(), BuildError> {
+    let probe = |tool: &'static str, arg: &str, package: &'static str| {
+        Command::new(tool).arg(arg).stdin(Stdio::null()).output().map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => BuildError::MissingTool { tool, package },
+            _ => path_error("run", Path::new(tool))(e).into(),
+        })
+    };
+    probe("mmdebstrap", "--version", "mmdebstrap")?;
+    let out = probe("mke2fs", "-V", E2FSPROGS_PACKAGE)?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    let found = text.split_whitespace().nth(1).unwrap_or_default().to_string();
+    let mut parts = found.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if version < MKE2FS_MIN {
+        return Err(BuildError::ToolTooOld { tool: "mkfs.ext4", found, needed: "1.47.1", package: E2FSPROGS_PACKAGE });
+    }
+    Ok(())
 }
 
 /// Removes the work directory unless something is still mounted inside it
@@ -198,16 +225,16 @@ struct RootfsFacts {
 
 /// Reads the installed packages and the kernel release out of the rootfs tar.
 fn rootfs_facts(tar_path: &Path) -> Result<RootfsFacts, BuildError> {
-    let file = File::open(tar_path).map_err(io_err("open", tar_path))?;
+    let file = File::open(tar_path).map_err(path_error("open", tar_path))?;
     let mut archive = tar::Archive::new(BufReader::new(file));
     let mut facts = RootfsFacts::default();
-    for entry in archive.entries().map_err(io_err("read", tar_path))? {
-        let mut entry = entry.map_err(io_err("read", tar_path))?;
-        let path = entry.path().map_err(io_err("read", tar_path))?.into_owned();
+    for entry in archive.entries().map_err(path_error("read", tar_path))? {
+        let mut entry = entry.map_err(path_error("read", tar_path))?;
+        let path = entry.path().map_err(path_error("read", tar_path))?.into_owned();
         let path = path.strip_prefix("./").unwrap_or(&path).to_path_buf();
         if path == Path::new("var/lib/dpkg/status") {
             let mut text = String::new();
-            entry.read_to_string(&mut text).map_err(io_err("read dpkg status in", tar_path))?;
+            entry.read_to_string(&mut text).map_err(path_error("read dpkg status in", tar_path))?;
             facts.packages = installed_packages(&text);
         } else if let Ok(rest) = path.strip_prefix("usr/lib/modules").or_else(|_| path.strip_prefix("lib/modules")) {
             if let (Some(release), 1) = (rest.to_str(), rest.components().count()) {
@@ -255,18 +282,19 @@ impl<W: Write> Write for HashingWriter<W> {
 /// `store`, and returns the stored entry.
 pub fn build_image(recipe_dir: &Path, opts: &BuildOptions, store: &Store) -> Result<StoredImage, BuildError> {
     let (recipe, recipe_path) = ImageRecipe::load(recipe_dir)?;
+    check_tools()?;
     let recipe_dir = recipe_path.parent().unwrap_or(Path::new("."));
     let provision = recipe_dir.join(&recipe.provision);
-    let customize = fs::canonicalize(provision.join("customize-image")).map_err(io_err("find", &provision.join("customize-image")))?;
+    let customize = fs::canonicalize(provision.join("customize-image")).map_err(path_error("find", &provision.join("customize-image")))?;
     let mirror = opts.mirror.clone().unwrap_or_else(|| recipe.mirror.clone());
     if let Some(m) = &opts.mirror {
         // Same rules as the recipe's own field.
-        let text = fs::read_to_string(&recipe_path).map_err(io_err("read", &recipe_path))?;
+        let text = fs::read_to_string(&recipe_path).map_err(path_error("read", &recipe_path))?;
         ImageRecipe::parse(&text.replace(&recipe.mirror, m), &recipe_path)?;
     }
 
     let base_tmp = std::env::temp_dir();
-    let work_dir = tempfile::Builder::new().prefix("reprovm-image-").tempdir_in(&base_tmp).map_err(io_err("create a directory in", &base_tmp))?;
+    let work_dir = tempfile::Builder::new().prefix("reprovm-image-").tempdir_in(&base_tmp).map_err(path_error("create a directory in", &base_tmp))?;
     let result = build_in(&recipe, &recipe_path, &customize, mirror, work_dir.path(), opts, store);
     remove_work_dir(work_dir);
     result
@@ -285,7 +313,7 @@ fn build_in(
     let epoch = recipe.source_date_epoch;
     let rootfs_tar = work.join("rootfs.tar");
     let boot_dir = work.join("boot");
-    fs::create_dir(&boot_dir).map_err(io_err("create", &boot_dir))?;
+    fs::create_dir(&boot_dir).map_err(path_error("create", &boot_dir))?;
 
     let mode = if nix::unistd::geteuid().is_root() { "root" } else { "unshare" };
     let mut mm = clean_command("mmdebstrap", epoch, work);
@@ -321,11 +349,11 @@ fn build_in(
 
     // Filesystem size: the tar's size plus ext4 overhead plus the free space
     // asked for, in whole MiB, all derived from deterministic inputs.
-    let tar_size = fs::metadata(&rootfs_tar).map_err(io_err("stat", &rootfs_tar))?.len();
+    let tar_size = fs::metadata(&rootfs_tar).map_err(path_error("stat", &rootfs_tar))?.len();
     let rootfs_mib = (tar_size / (1 << 20)) * 115 / 100 + recipe.rootfs_free_mib;
     let rootfs = work.join("rootfs.ext4");
     let conf = work.join("mke2fs.conf");
-    fs::write(&conf, MKE2FS_CONF).map_err(io_err("write", &conf))?;
+    fs::write(&conf, MKE2FS_CONF).map_err(path_error("write", &conf))?;
     let mut mkfs = clean_command("mkfs.ext4", epoch, work);
     mkfs.env("MKE2FS_CONFIG", &conf)
         .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
@@ -338,9 +366,9 @@ fn build_in(
         .arg(&rootfs_tar)
         .arg(&rootfs)
         .arg(format!("{rootfs_mib}M"));
-    run_logged("mkfs.ext4", "e2fsprogs (>= 1.47.1, from bookworm-backports) and libarchive13", &mut mkfs, &work.join("mkfs.log"))?;
+    run_logged("mkfs.ext4", E2FSPROGS_PACKAGE, &mut mkfs, &work.join("mkfs.log"))?;
 
-    let recipe_sha256 = hash_file(recipe_path).map_err(io_err("hash", recipe_path))?.hex();
+    let recipe_sha256 = hash_file(recipe_path).map_err(path_error("hash", recipe_path))?.hex();
     let metadata = ImageMetadata {
         format: FORMAT_VERSION,
         name: recipe.name.clone(),
@@ -356,14 +384,14 @@ fn build_in(
 
     let out = opts.out.clone().unwrap_or_else(|| work.join("bundle.img"));
     let out_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let partial = tempfile::Builder::new().prefix(".reprovm-bundle-").tempfile_in(out_dir).map_err(io_err("create a file in", out_dir))?;
+    let partial = tempfile::Builder::new().prefix(".reprovm-bundle-").tempfile_in(out_dir).map_err(path_error("create a file in", out_dir))?;
     let pin = {
         let mut writer = HashingWriter { inner: io::BufWriter::with_capacity(4 << 20, partial.as_file()), hasher: Sha256::new() };
-        bundle::write_bundle(&mut writer, &metadata, &kernel, &initrd, &rootfs).map_err(io_err("write", &out))?;
+        bundle::write_bundle(&mut writer, &metadata, &kernel, &initrd, &rootfs).map_err(path_error("write", &out))?;
         Pin::from_digest(writer.hasher.finalize().into())
     };
-    fs::set_permissions(partial.path(), fs::Permissions::from_mode(0o644)).map_err(io_err("set permissions of", partial.path()))?;
-    partial.persist(&out).map_err(|e| BuildError::Io { action: "write", path: out.clone(), source: e.error })?;
+    fs::set_permissions(partial.path(), fs::Permissions::from_mode(0o644)).map_err(path_error("set permissions of", partial.path()))?;
+    partial.persist(&out).map_err(|e| path_error("write", &out)(e.error))?;
     tracing::info!("bundle {} written to {}", pin, out.display());
     Ok(store.import(&out, Some(pin))?)
 }

@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use crate::image::bundle::{self, BundleError, BundleLayout};
 use crate::image::pin::{hash_file, hash_reader, Pin};
+use crate::path_error::{path_error, PathError};
 use crate::Exit;
 
 /// File name of the bundle inside a store entry.
@@ -24,17 +25,9 @@ pub enum StoreError {
     /// Neither XDG_CACHE_HOME nor HOME is set.
     #[error("cannot locate the image store: set XDG_CACHE_HOME or HOME")]
     NoCacheDir,
-    /// A file or directory of the store (or an input) could not be used.
-    #[error("cannot {action} {path}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path involved.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    /// A file operation failed.
+    #[error(transparent)]
+    Io(#[from] PathError),
     /// The bytes do not hash to the pin they were given.
     #[error("{what} does not match its pin: expected {expected}, actual {actual}")]
     PinMismatch {
@@ -71,10 +64,6 @@ impl StoreError {
             StoreError::PinMismatch { .. } => Exit::PinMismatch,
             _ => Exit::Usage,
         }
-    }
-
-    fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-        move |source| StoreError::Io { action, path: path.to_path_buf(), source }
     }
 }
 
@@ -126,7 +115,7 @@ impl Store {
 
     /// Adds the bundle file at `file`; see [`Store::import_reader`].
     pub fn import(&self, file: &Path, expected: Option<Pin>) -> Result<StoredImage, StoreError> {
-        let reader = File::open(file).map_err(StoreError::io("open", file))?;
+        let reader = File::open(file).map_err(path_error("open", file))?;
         self.import_reader(reader, &file.display().to_string(), expected, |_| {})
     }
 
@@ -142,13 +131,13 @@ impl Store {
         expected: Option<Pin>,
         mut progress: impl FnMut(u64),
     ) -> Result<StoredImage, StoreError> {
-        fs::create_dir_all(&self.root).map_err(StoreError::io("create the store directory", &self.root))?;
+        fs::create_dir_all(&self.root).map_err(path_error("create the store directory", &self.root))?;
         let incoming = tempfile::Builder::new()
             .prefix(INCOMING_PREFIX)
             .tempdir_in(&self.root)
-            .map_err(StoreError::io("create a temporary directory in", &self.root))?;
+            .map_err(path_error("create a temporary directory in", &self.root))?;
         let tmp_bundle = incoming.path().join(BUNDLE_FILE);
-        let mut out = File::create(&tmp_bundle).map_err(StoreError::io("create", &tmp_bundle))?;
+        let mut out = File::create(&tmp_bundle).map_err(path_error("create", &tmp_bundle))?;
         let mut copied = 0u64;
         let (actual, _) = hash_reader(reader, |chunk| {
             out.write_all(chunk)?;
@@ -156,8 +145,8 @@ impl Store {
             progress(copied);
             Ok(())
         })
-        .map_err(StoreError::io("copy the bundle into", &tmp_bundle))?;
-        out.sync_all().map_err(StoreError::io("sync", &tmp_bundle))?;
+        .map_err(path_error("copy the bundle into", &tmp_bundle))?;
+        out.sync_all().map_err(path_error("sync", &tmp_bundle))?;
         drop(out);
         if let Some(expected) = expected {
             if expected != actual {
@@ -165,7 +154,7 @@ impl Store {
             }
         }
         bundle::read_layout(&tmp_bundle).map_err(|source| StoreError::Bundle { path: PathBuf::from(what), source })?;
-        fs::set_permissions(&tmp_bundle, Permissions::from_mode(0o444)).map_err(StoreError::io("make read-only", &tmp_bundle))?;
+        fs::set_permissions(&tmp_bundle, Permissions::from_mode(0o444)).map_err(path_error("make read-only", &tmp_bundle))?;
 
         let entry = self.entry_dir(&actual);
         if !entry.exists() {
@@ -174,11 +163,11 @@ impl Store {
                     // The entry is in place: the temporary directory is gone.
                     let _ = incoming.keep();
                     fs::set_permissions(&entry, Permissions::from_mode(0o555))
-                        .map_err(StoreError::io("make read-only", &entry))?;
+                        .map_err(path_error("make read-only", &entry))?;
                 }
                 // Another process put the same bundle in place first: keep theirs.
                 Err(e) if entry.exists() => tracing::debug!("{} appeared concurrently: {e}", entry.display()),
-                Err(e) => return Err(StoreError::io("move the bundle into", &entry)(e)),
+                Err(e) => return Err(path_error("move the bundle into", &entry)(e).into()),
             }
         }
         self.stored(actual)
@@ -192,7 +181,7 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(StoreError::NotFound { pin, root: self.root.clone() })
             }
-            Err(e) => return Err(StoreError::io("read", &path)(e)),
+            Err(e) => return Err(path_error("read", &path)(e).into()),
         };
         let layout = bundle::read_layout(&path).map_err(|source| StoreError::Bundle { path: path.clone(), source })?;
         let added = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -205,11 +194,11 @@ impl Store {
         let dir = match fs::read_dir(&self.root) {
             Ok(dir) => dir,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(StoreError::io("read", &self.root)(e)),
+            Err(e) => return Err(path_error("read", &self.root)(e).into()),
         };
         let mut pins = Vec::new();
         for entry in dir {
-            let entry = entry.map_err(StoreError::io("read", &self.root))?;
+            let entry = entry.map_err(path_error("read", &self.root))?;
             if let Some(pin) = entry.file_name().to_str().and_then(|n| n.parse::<Pin>().ok()) {
                 pins.push(pin);
             }
@@ -222,7 +211,7 @@ impl Store {
     /// the one gate every boot passes: nothing is booted that fails it.
     pub fn open_verified(&self, pin: Pin) -> Result<StoredImage, StoreError> {
         let image = self.stored(pin)?;
-        let actual = hash_file(&image.path).map_err(StoreError::io("hash", &image.path))?;
+        let actual = hash_file(&image.path).map_err(path_error("hash", &image.path))?;
         if actual != pin {
             return Err(StoreError::PinMismatch { what: image.path.display().to_string(), expected: pin, actual });
         }

@@ -17,7 +17,8 @@ pub const MACHINE_TYPE: &str = "pc-q35-7.2";
 pub const CPU_FEATURES: &str = "enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on";
 
 /// The kernel command line: quiet serial console, PVH-friendly, panics turn
-/// into an immediate reset (which `-no-reboot` makes QEMU exit on).
+/// into an immediate reset (which `-no-reboot` makes QEMU exit on, after
+/// pvpanic has reported GUEST_PANICKED).
 pub const KERNEL_CMDLINE: &str =
     "console=ttyS0 quiet loglevel=4 panic=-1 edd=off reprovm.root=/dev/vda random.trust_cpu=on tsc=reliable";
 
@@ -101,7 +102,7 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
     push(&["-m", &format!("{}M", spec.memory_mib)]);
     push(&["-rtc", &format!("base={},clock=vm", rtc_base(spec.clock))]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-    push(&["-action", "panic=pause"]);
+    push(&["-action", "panic=none"]);
     push(&["-chardev", &format!("file,id=serial0,path={}", p(&plan.serial_log))]);
     push(&["-serial", "chardev:serial0"]);
     push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", p(&plan.qmp_socket))]);
@@ -162,7 +163,7 @@ mod tests {
             "-m 2048M",
             "-rtc base=2024-11-25T00:00:00,clock=vm",
             "-nodefaults -no-user-config -display none -no-reboot",
-            "-action panic=pause",
+            "-action panic=none",
             "-chardev file,id=serial0,path=/tmp/reprovm-run-X/serial.log",
             "-serial chardev:serial0",
             "-chardev socket,id=qmp,path=/tmp/reprovm-run-X/qmp.sock,server=on,wait=off",

@@ -19,6 +19,7 @@ use crate::deadline::{Deadline, Timeout};
 use crate::guest::{FactsError, GuestError, GuestFacts, GuestSession, RunKeys};
 use crate::image::bundle;
 use crate::image::StoredImage;
+use crate::path_error::{path_error, PathError};
 use crate::process::Supervised;
 use crate::vm::accel::{candidates, probe_kvm, AccelChoice};
 use crate::vm::args::{qemu_args, Accelerator, LaunchPlan, MachineSpec, MACHINE_TYPE, CPU_FEATURES};
@@ -78,17 +79,9 @@ pub enum VmError {
         /// The Debian package.
         package: &'static str,
     },
-    /// A per-run file could not be made.
-    #[error("cannot {action} {path}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    /// A file operation failed.
+    #[error(transparent)]
+    Io(#[from] PathError),
     /// `qemu-img create` failed.
     #[error("cannot create the overlay: qemu-img said: {0}")]
     Overlay(String),
@@ -161,10 +154,6 @@ fn section(title: &str, body: &str) -> String {
     }
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> VmError + 'a {
-    move |source| VmError::Io { action, path: path.to_path_buf(), source }
-}
-
 /// The last `lines` lines of a text file (empty if unreadable).
 pub fn tail_of(path: &Path, lines: usize) -> String {
     let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
@@ -206,13 +195,13 @@ struct RunFiles {
 
 fn prepare(image: &StoredImage, opts: &BootOptions, accel: Accelerator, dir: &Path) -> Result<RunFiles, VmError> {
     let layout = &image.layout;
-    let mut bundle_file = File::open(&image.path).map_err(io_err("open", &image.path))?;
+    let mut bundle_file = File::open(&image.path).map_err(path_error("open", &image.path))?;
     let kernel = dir.join("vmlinux");
     let initrd = dir.join("initrd.img");
     for (path, extent) in [(&kernel, layout.kernel), (&initrd, layout.initrd)] {
         if !path.exists() {
-            let mut out = File::create(path).map_err(io_err("create", path))?;
-            bundle::copy_member(&mut bundle_file, extent, &mut out).map_err(io_err("copy the kernel and initrd to", path))?;
+            let mut out = File::create(path).map_err(path_error("create", path))?;
+            bundle::copy_member(&mut bundle_file, extent, &mut out).map_err(path_error("copy the kernel and initrd to", path))?;
         }
     }
     let overlay = dir.join("overlay.qcow2");
@@ -225,7 +214,7 @@ fn prepare(image: &StoredImage, opts: &BootOptions, accel: Accelerator, dir: &Pa
         .output()
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => VmError::MissingProgram { program: "qemu-img".into(), package: "qemu-utils" },
-            _ => io_err("run qemu-img for", &overlay)(e),
+            _ => path_error("run qemu-img for", &overlay)(e).into(),
         })?;
     if !out.status.success() {
         return Err(VmError::Overlay(String::from_utf8_lossy(&out.stderr).trim().to_string()));
@@ -235,8 +224,8 @@ fn prepare(image: &StoredImage, opts: &BootOptions, accel: Accelerator, dir: &Pa
     for (name, content) in [("ssh_host_ed25519_key", keys.host_private.as_str()), ("authorized_keys", keys.client_public_line.as_str())] {
         let path = dir.join(name);
         let _ = fs::remove_file(&path);
-        fs::write(&path, content).map_err(io_err("write", &path))?;
-        fs::set_permissions(&path, Permissions::from_mode(0o600)).map_err(io_err("protect", &path))?;
+        fs::write(&path, content).map_err(path_error("write", &path))?;
+        fs::set_permissions(&path, Permissions::from_mode(0o600)).map_err(path_error("protect", &path))?;
         key_files.push(path);
     }
     let plan = LaunchPlan {
@@ -249,7 +238,7 @@ fn prepare(image: &StoredImage, opts: &BootOptions, accel: Accelerator, dir: &Pa
         initrd,
         qmp_socket: dir.join("qmp.sock"),
         serial_log: dir.join("serial.log"),
-        ssh_port: free_port().map_err(io_err("find a free port on", Path::new("127.0.0.1")))?,
+        ssh_port: free_port().map_err(path_error("find a free port on", Path::new("127.0.0.1")))?,
         fw_cfg: key_files
             .iter()
             .map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p.clone()))
@@ -275,7 +264,7 @@ impl Machine {
             .prefix("reprovm-run-")
             .permissions(Permissions::from_mode(0o700))
             .tempdir_in(tmp)
-            .map_err(io_err("create a run directory in", tmp))?;
+            .map_err(path_error("create a run directory in", tmp))?;
         let kvm_probe = if opts.accel == AccelChoice::Tcg { Err("not asked for".into()) } else { probe_kvm(Path::new("/dev/kvm")) };
         let accels = candidates(opts.accel, kvm_probe).map_err(VmError::KvmUnusable)?;
         let deadline = Deadline::after(opts.boot_timeout);
@@ -406,13 +395,13 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
     let plan = &files.plan;
     let _ = fs::remove_file(&plan.serial_log);
     let _ = fs::remove_file(&plan.qmp_socket);
-    let log = File::create(&files.qemu_log).map_err(io_err("create", &files.qemu_log))?;
+    let log = File::create(&files.qemu_log).map_err(path_error("create", &files.qemu_log))?;
     let mut cmd = Command::new(&opts.qemu);
     cmd.args(qemu_args(plan)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     tracing::debug!("QEMU command line: {} {}", opts.qemu.display(), shlex::try_join(qemu_args(plan).iter().map(|a| a.to_str().unwrap_or("?"))).unwrap_or_default());
     let mut qemu = Supervised::spawn("QEMU", &mut cmd).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => VmError::MissingProgram { program: opts.qemu.display().to_string(), package: "qemu-system-x86" },
-        _ => io_err("start", &opts.qemu)(e),
+        _ => path_error("start", &opts.qemu)(e).into(),
     })?;
     let started = Instant::now();
     let mut qmp = match Qmp::connect(&plan.qmp_socket, Duration::from_secs(10)).await {
@@ -446,17 +435,32 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
     }
 }
 
+/// The serial console from the kernel's panic message on (at most 40
+/// lines), or `None` when the guest did not panic.
+fn panic_report(serial_log: &Path) -> Option<String> {
+    let text = fs::read(serial_log).map(|b| String::from_utf8_lossy(&b).into_owned()).ok()?;
+    let start = text.rfind("Kernel panic - not syncing")?;
+    let start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    Some(text[start..].lines().take(40).collect::<Vec<_>>().join("\n"))
+}
+
 /// `Err` when QEMU exited or QMP reported a panic or a stop.
 fn check_alive(qemu: &mut Supervised, qmp: &mut Qmp, serial_log: &Path, qemu_log: &Path) -> Result<(), VmError> {
-    if let Some(status) = qemu.try_wait().map_err(io_err("wait for", Path::new("QEMU")))? {
-        let serial_tail = tail_of(serial_log, 30);
-        if serial_tail.contains("Kernel panic") {
+    let event = qmp.pending_event();
+    let exited = qemu.try_wait().map_err(path_error("wait for", Path::new("QEMU")))?;
+    if event == Some(GuestEvent::Panicked) || exited.is_some() {
+        // After pvpanic's event the guest still prints the panic and resets
+        // (panic=-1), which -no-reboot turns into QEMU's exit.
+        let _ = qemu.wait_for(Duration::from_secs(5));
+        if let Some(serial_tail) = panic_report(serial_log) {
             return Err(VmError::Panicked { serial_tail });
         }
-        return Err(VmError::QemuExited { status: status.to_string(), qemu_log: tail_of(qemu_log, 20), serial_tail });
     }
-    match qmp.pending_event() {
-        Some(GuestEvent::Panicked) => Err(VmError::Panicked { serial_tail: tail_of(serial_log, 30) }),
+    if let Some(status) = exited {
+        return Err(VmError::QemuExited { status: status.to_string(), qemu_log: tail_of(qemu_log, 20), serial_tail: tail_of(serial_log, 30) });
+    }
+    match event {
+        Some(GuestEvent::Panicked) => Err(VmError::Panicked { serial_tail: tail_of(serial_log, 50) }),
         Some(event) => Err(VmError::Stopped { event, serial_tail: tail_of(serial_log, 30) }),
         None => Ok(()),
     }
