@@ -120,15 +120,23 @@ mod tests {
         let pgid = child.pid() as i32;
         std::thread::sleep(Duration::from_millis(100));
         child.terminate(Duration::from_secs(2)).unwrap();
-        // No live process of the group may remain (orphaned zombies wait for init).
-        let live: Vec<String> = std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("stat")).ok())
-            .filter(|stat| {
-                let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-                fields.get(2) == Some(&pgid.to_string().as_str()) && fields.first() != Some(&"Z")
-            })
-            .collect();
+        // No live process of the group may remain (orphaned zombies wait for
+        // init; signalled ones take a moment to die).
+        let live = || -> Vec<String> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("stat")).ok())
+                .filter(|stat| {
+                    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+                    fields.get(2) == Some(&pgid.to_string().as_str()) && fields.first() != Some(&"Z")
+                })
+                .collect()
+        };
+        let deadline = Deadline::after(Duration::from_secs(5));
+        while !live().is_empty() && !deadline.passed() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let live = live();
         assert!(live.is_empty(), "{live:?}");
     }
 
