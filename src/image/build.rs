@@ -116,10 +116,11 @@ impl BuildError {
 }
 
 /// A command with nothing of the host's environment: fixed PATH, locale,
-/// timezone and umask, plus SOURCE_DATE_EPOCH.
+/// timezone, umask and working directory (the work dir), plus SOURCE_DATE_EPOCH.
 fn clean_command(program: &str, epoch: i64, tmpdir: &Path) -> Command {
     let mut cmd = Command::new(program);
-    cmd.env_clear()
+    cmd.current_dir(tmpdir)
+        .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("LC_ALL", "C.UTF-8")
         .env("TZ", "UTC")
@@ -294,7 +295,13 @@ pub fn build_image(recipe_dir: &Path, opts: &BuildOptions, store: &Store) -> Res
     }
 
     let base_tmp = std::env::temp_dir();
-    let work_dir = tempfile::Builder::new().prefix("reprovm-image-").tempdir_in(&base_tmp).map_err(path_error("create a directory in", &base_tmp))?;
+    // 0755: apt, inside mmdebstrap, checks that its sandbox user can reach
+    // its download directories; a private work dir would change the owner of
+    // var/lib/apt/lists/partial in the image.
+    let work_dir = tempfile::Builder::new()
+        .prefix("reprovm-image-")
+        .permissions(fs::Permissions::from_mode(0o755))
+        .tempdir_in(&base_tmp).map_err(path_error("create a directory in", &base_tmp))?;
     let result = build_in(&recipe, &recipe_path, &customize, mirror, work_dir.path(), opts, store);
     remove_work_dir(work_dir);
     result
@@ -326,8 +333,12 @@ fn build_in(
     for pattern in &recipe.path_excludes {
         mm.arg(format!("--dpkgopt=path-exclude={pattern}"));
     }
-    mm.arg(format!("--customize-hook={} \"$1\"", customize.display()))
-        .arg(format!("--customize-hook=copy-out /boot/reprovm {}", boot_dir.display()))
+    // Hooks are shell command lines: quote our paths (mmdebstrap's own
+    // copy-out splits on spaces, so the kernel and initrd leave by `cp`).
+    let quoted = |p: &Path| shlex::try_quote(&p.to_string_lossy()).map(|q| q.into_owned()).unwrap_or_default();
+    mm.env("REPROVM_BOOT_OUT", &boot_dir)
+        .arg(format!("--customize-hook={} \"$1\"", quoted(customize)))
+        .arg("--customize-hook=cp \"$1/boot/reprovm/vmlinux\" \"$1/boot/reprovm/initrd.img\" \"$REPROVM_BOOT_OUT/\"")
         .arg("--customize-hook=rm -rf \"$1/boot/reprovm\"")
         .arg(&recipe.suite)
         .arg(&rootfs_tar)
@@ -339,8 +350,8 @@ fn build_in(
     if facts.packages.is_empty() {
         return Err(BuildError::Incomplete { what: "installed packages in /var/lib/dpkg/status" });
     }
-    let kernel = boot_dir.join("reprovm/vmlinux");
-    let initrd = boot_dir.join("reprovm/initrd.img");
+    let kernel = boot_dir.join("vmlinux");
+    let initrd = boot_dir.join("initrd.img");
     for (path, what) in [(&kernel, "kernel written by provision/mkinitrd"), (&initrd, "initrd written by provision/mkinitrd")] {
         if !path.is_file() {
             return Err(BuildError::Incomplete { what });
