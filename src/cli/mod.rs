@@ -64,7 +64,7 @@ pub struct MachineArgs {
     #[arg(long, env = "REPROVM_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
     /// Named CPU model (never host or max).
-    #[arg(long, default_value = "Nehalem-v1", value_parser = parse_cpu_model)]
+    #[arg(long, default_value = crate::vm::args::DEFAULT_CPU_MODEL, value_parser = parse_cpu_model)]
     pub cpu_model: String,
     /// vCPUs.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]

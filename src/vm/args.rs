@@ -11,6 +11,14 @@ use crate::image::bundle::Extent;
 /// Versioned machine type: present in QEMU 7.2 and kept by later releases.
 pub const MACHINE_TYPE: &str = "pc-q35-7.2";
 
+/// The default CPU model. Nehalem-v1 is x86-64 with SSE4.2 and POPCNT but no
+/// AES-NI or AVX: QEMU's TCG and every KVM host of the last dozen years
+/// (Intel since Nehalem, AMD since Bulldozer) provide all of its features, so
+/// `enforce` passes everywhere, and a build that probes the CPU (`-march=native`,
+/// runtime dispatch) sees the same CPU on every host. Westmere-v1 would add
+/// AES-NI and PCLMULQDQ, which some older or restricted hosts lack.
+pub const DEFAULT_CPU_MODEL: &str = "Nehalem-v1";
+
 /// Feature adjustments that make a named model look the same under KVM and
 /// TCG: no KVM paravirt leaves or PMU (TCG has neither), no x2apic (QEMU 7.2's
 /// TCG lacks it), no VME (TCG drops it by default), hypervisor bit always on.
