@@ -178,3 +178,12 @@ fn concurrent_cli_imports_leave_one_intact_entry() {
     assert_eq!(store_entries(&env).len(), 1);
     assert_eq!(text(&reprovm(&env).args(["image", "verify"]).output().unwrap()).2, 0);
 }
+
+#[test]
+fn a_bad_mirror_flag_exits_2_naming_flag_and_value() {
+    let env = TestEnv::new();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/debian-bookworm-amd64");
+    let (_, err, code) = text(&reprovm(&env).args(["image", "build"]).arg(&recipe).args(["--mirror", "ftp://nowhere"]).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--mirror") && err.contains("ftp://nowhere"), "{err}");
+}

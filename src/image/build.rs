@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::image::bundle::{self, ImageMetadata, FORMAT_VERSION};
 use crate::image::pin::{hash_file, Pin};
-use crate::image::recipe::{ImageRecipe, RecipeError};
+use crate::image::recipe::{is_mirror_url, ImageRecipe, RecipeError};
 use crate::image::store::{Store, StoreError, StoredImage};
 use crate::interrupt::{self, Interrupted};
 use crate::process::Supervised;
@@ -57,6 +57,12 @@ pub enum BuildError {
     /// The recipe is unusable.
     #[error(transparent)]
     Recipe(#[from] RecipeError),
+    /// `--mirror` is not a URL mmdebstrap can use.
+    #[error("invalid value {value:?} for --mirror: expected an http:// or https:// URL")]
+    BadMirror {
+        /// The value given.
+        value: String,
+    },
     /// A host tool is missing.
     #[error("{tool} is not installed: install the Debian package {package}")]
     MissingTool {
@@ -288,10 +294,8 @@ pub fn build_image(recipe_dir: &Path, opts: &BuildOptions, store: &Store) -> Res
     let provision = recipe_dir.join(&recipe.provision);
     let customize = fs::canonicalize(provision.join("customize-image")).map_err(path_error("find", &provision.join("customize-image")))?;
     let mirror = opts.mirror.clone().unwrap_or_else(|| recipe.mirror.clone());
-    if let Some(m) = &opts.mirror {
-        // Same rules as the recipe's own field.
-        let text = fs::read_to_string(&recipe_path).map_err(path_error("read", &recipe_path))?;
-        ImageRecipe::parse(&text.replace(&recipe.mirror, m), &recipe_path)?;
+    if !is_mirror_url(&mirror) {
+        return Err(BuildError::BadMirror { value: mirror });
     }
 
     let base_tmp = std::env::temp_dir();

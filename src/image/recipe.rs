@@ -69,6 +69,11 @@ pub enum RecipeError {
     },
 }
 
+/// Whether `s` can be given to mmdebstrap as a mirror: an http(s) URL.
+pub fn is_mirror_url(s: &str) -> bool {
+    (s.starts_with("http://") || s.starts_with("https://")) && !s.contains(char::is_whitespace)
+}
+
 fn is_package_name(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() >= 2
@@ -102,7 +107,7 @@ impl ImageRecipe {
         if recipe.architecture != "amd64" {
             return Err(bad("architecture", recipe.architecture, "\"amd64\" (the only architecture supported)"));
         }
-        if !(recipe.mirror.starts_with("http://") || recipe.mirror.starts_with("https://")) || recipe.mirror.contains(char::is_whitespace) {
+        if !is_mirror_url(&recipe.mirror) {
             return Err(bad("mirror", recipe.mirror, "an http:// or https:// URL"));
         }
         if recipe.source_date_epoch <= 0 {
