@@ -289,7 +289,6 @@ impl<W: Write> Write for HashingWriter<W> {
 /// `store`, and returns the stored entry.
 pub fn build_image(recipe_dir: &Path, opts: &BuildOptions, store: &Store) -> Result<StoredImage, BuildError> {
     let (recipe, recipe_path) = ImageRecipe::load(recipe_dir)?;
-    check_tools()?;
     let recipe_dir = recipe_path.parent().unwrap_or(Path::new("."));
     let provision = recipe_dir.join(&recipe.provision);
     let customize = fs::canonicalize(provision.join("customize-image")).map_err(path_error("find", &provision.join("customize-image")))?;
@@ -297,6 +296,7 @@ pub fn build_image(recipe_dir: &Path, opts: &BuildOptions, store: &Store) -> Res
     if !is_mirror_url(&mirror) {
         return Err(BuildError::BadMirror { value: mirror });
     }
+    check_tools()?;
 
     let base_tmp = std::env::temp_dir();
     // 0755: apt, inside mmdebstrap, checks that its sandbox user can reach
