@@ -1,8 +1,7 @@
 //! Deadlines for everything reprovm waits on. Instead of bare sleep loops,
-//! callers poll a condition until a [`Deadline`] passes; the timeout error says
-//! what was awaited, for how long, and the last cause seen.
+//! waiting loops run until a [`Deadline`] passes; its timeout error says what
+//! was awaited, for how long, and the last cause seen.
 
-use std::fmt::Display;
 use std::time::{Duration, Instant};
 
 /// Waiting for something took longer than allowed.
@@ -44,54 +43,26 @@ impl Deadline {
     pub fn timeout(&self, what: &str, last_cause: Option<String>) -> Timeout {
         Timeout { what: what.to_string(), waited: self.start.elapsed(), last_cause }
     }
-
-    /// Polls `attempt` every `interval` until it returns `Ok(Some(_))`, an error
-    /// that is final (`Err`), or the deadline passes. `Ok(None)` with a cause
-    /// means "not yet" and the cause is kept for the timeout message.
-    pub async fn poll<T, E: Display>(
-        &self,
-        what: &str,
-        interval: Duration,
-        mut attempt: impl FnMut() -> Result<T, E>,
-    ) -> Result<T, Timeout> {
-        loop {
-            let cause = match attempt() {
-                Ok(value) => return Ok(value),
-                Err(cause) => cause.to_string(),
-            };
-            if self.passed() {
-                return Err(self.timeout(what, Some(cause)));
-            }
-            tokio::time::sleep(interval.min(self.remaining())).await;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn poll_returns_first_success() {
-        let mut n = 0;
-        let got = Deadline::after(Duration::from_secs(5))
-            .poll("n to reach 3", Duration::from_millis(1), || {
-                n += 1;
-                if n >= 3 { Ok(n) } else { Err("too small") }
-            })
-            .await
-            .unwrap();
-        assert_eq!(got, 3);
-    }
-
-    #[tokio::test]
-    async fn poll_timeout_names_what_and_last_cause() {
-        let err = Deadline::after(Duration::from_millis(20))
-            .poll("the moon", Duration::from_millis(5), || Err::<(), _>("still dark"))
-            .await
-            .unwrap_err();
-        let msg = err.to_string();
+    #[test]
+    fn timeout_names_what_and_last_cause() {
+        let deadline = Deadline::after(Duration::ZERO);
+        assert!(deadline.passed());
+        assert_eq!(deadline.remaining(), Duration::ZERO);
+        let msg = deadline.timeout("the moon", Some("still dark".into())).to_string();
         assert!(msg.contains("waiting for the moon"), "{msg}");
         assert!(msg.contains("last: still dark"), "{msg}");
+    }
+
+    #[test]
+    fn remaining_counts_down() {
+        let deadline = Deadline::after(Duration::from_secs(60));
+        assert!(!deadline.passed());
+        assert!(deadline.remaining() > Duration::from_secs(59));
     }
 }

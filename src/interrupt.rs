@@ -25,15 +25,10 @@ pub struct Interrupted {
 
 fn signal_name(signal: i32) -> &'static str {
     match signal {
-        libc_sig::SIGINT => "SIGINT",
-        libc_sig::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
         _ => "a signal",
     }
-}
-
-mod libc_sig {
-    pub const SIGINT: i32 = nix::sys::signal::Signal::SIGINT as i32;
-    pub const SIGTERM: i32 = nix::sys::signal::Signal::SIGTERM as i32;
 }
 
 /// Starts listening for SIGINT and SIGTERM (call once, inside the runtime).
@@ -43,8 +38,8 @@ pub fn install() -> std::io::Result<()> {
     tokio::spawn(async move {
         loop {
             let signal = tokio::select! {
-                _ = int.recv() => libc_sig::SIGINT,
-                _ = term.recv() => libc_sig::SIGTERM,
+                _ = int.recv() => libc::SIGINT,
+                _ = term.recv() => libc::SIGTERM,
             };
             if SIGNAL.swap(signal, Ordering::SeqCst) == 0 {
                 tracing::warn!("{}: stopping and cleaning up", signal_name(signal));

@@ -70,7 +70,7 @@ impl Supervised {
     }
 
     /// Sends `signal` to the child's whole process group.
-    pub fn signal_group(&self, signal: Signal) {
+    fn signal_group(&self, signal: Signal) {
         if self.status.is_none() {
             let _ = killpg(Pid::from_raw(self.child.id() as i32), signal);
         }

@@ -146,25 +146,30 @@ fn forced_kvm_boots_or_fails_clearly_with_exit_4() {
     assert_nothing_left(&env);
 }
 
+/// Boots the test image through the library under TCG with `cpus` and
+/// `memory_mib`, keeping per-run files in `env`'s TMPDIR.
+async fn boot_test_machine(env: &TestEnv, cpus: u32, memory_mib: u32) -> Machine {
+    let (pin, cache) = test_image();
+    let image = Store::at(cache.join("reprovm/images")).open_verified(pin.parse().unwrap()).unwrap();
+    let opts = BootOptions {
+        spec: MachineSpec { cpu_model: "Nehalem-v1".into(), cpus, memory_mib, clock: 1_700_000_000 },
+        accel: AccelChoice::Tcg,
+        qemu: "qemu-system-x86_64".into(),
+        boot_timeout: Duration::from_secs(300),
+        runtime_dir: env.tmp.clone(),
+    };
+    Machine::boot(&image, &opts).await.unwrap()
+}
+
 /// One booted builder shared by several checks: QMP against the real QEMU,
 /// the host-key check, the guest facts, and the graceful power-off.
 #[test]
 #[ignore = "boots a VM: run through scripts/test"]
 fn one_builder_qmp_host_key_facts_and_powerdown() {
-    let (pin, cache) = test_image();
-    let store = Store::at(cache.join("reprovm/images"));
-    let image = store.open_verified(pin.parse().unwrap()).unwrap();
     let env = TestEnv::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let opts = BootOptions {
-            spec: MachineSpec { cpu_model: "Nehalem-v1".into(), cpus: 2, memory_mib: 1024, clock: 1_700_000_000 },
-            accel: AccelChoice::Tcg,
-            qemu: "qemu-system-x86_64".into(),
-            boot_timeout: Duration::from_secs(300),
-            runtime_dir: env.tmp.clone(),
-        };
-        let mut machine = Machine::boot(&image, &opts).await.unwrap();
+        let mut machine = boot_test_machine(&env, 2, 1024).await;
         // QMP commands used by reprovm, against the real QEMU.
         let (running, state) = machine.qmp().status().await.unwrap();
         assert!(running && state == "running", "{state}");
@@ -233,19 +238,10 @@ fn qmp_commands_work_against_the_real_qemu() {
 #[test]
 #[ignore = "boots a VM: run through scripts/test"]
 fn a_guest_kernel_panic_is_reported() {
-    let (pin, cache) = test_image();
-    let image = Store::at(cache.join("reprovm/images")).open_verified(pin.parse().unwrap()).unwrap();
     let env = TestEnv::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let opts = BootOptions {
-            spec: MachineSpec { cpu_model: "Nehalem-v1".into(), cpus: 1, memory_mib: 512, clock: 1_700_000_000 },
-            accel: AccelChoice::Tcg,
-            qemu: "qemu-system-x86_64".into(),
-            boot_timeout: Duration::from_secs(300),
-            runtime_dir: env.tmp.clone(),
-        };
-        let mut machine = Machine::boot(&image, &opts).await.unwrap();
+        let mut machine = boot_test_machine(&env, 1, 512).await;
         let session = machine.take_session().unwrap();
         // The SSH command never returns normally: the kernel dies under it.
         tokio::task::spawn_blocking(move || {

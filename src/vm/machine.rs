@@ -173,7 +173,6 @@ pub struct Machine {
     qmp: Qmp,
     session: Option<GuestSession>,
     ssh_port: u16,
-    started: Instant,
     serial_log: PathBuf,
     /// The machine as launched.
     pub launched: LaunchedMachine,
@@ -314,7 +313,7 @@ impl Machine {
         };
         tracing::info!("builder ready in {:.1}s under {} (SSH on 127.0.0.1:{})", boot_time.as_secs_f64(), launched.accelerator.as_str(), files.plan.ssh_port);
         let ssh_port = files.plan.ssh_port;
-        Ok(Machine { qemu, qmp, session: Some(session), ssh_port, started, serial_log, launched, facts, boot_time, run_dir })
+        Ok(Machine { qemu, qmp, session: Some(session), ssh_port, serial_log, launched, facts, boot_time, run_dir })
     }
 
     /// The per-run directory (overlay, sockets, logs).
@@ -335,11 +334,6 @@ impl Machine {
     /// The serial console log.
     pub fn serial_log(&self) -> &Path {
         &self.serial_log
-    }
-
-    /// Seconds since QEMU started.
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
     }
 
     /// Takes the SSH session (to move it to a blocking thread); give it back
