@@ -4,12 +4,16 @@
 //! The pipeline runs down these modules, one stage each (see DESIGN.md):
 #![warn(missing_docs)]
 
+/// The build stage: recipe, source archive, the build in the guest, artifacts, results, comparison.
+pub mod build;
 /// Command-line definitions, validated configuration and the command functions.
 pub mod cli;
 /// Deadlines for everything that waits: the error says what, how long, and the last cause.
 pub mod deadline;
 /// The guest stage: per-run SSH keys, the authenticated session, guest facts.
 pub mod guest;
+/// Host programs that make disks (mmdebstrap, mkfs.ext4), run clean and supervised.
+pub mod host_tools;
 /// Builder image bundles: pins, the bundle format, the content-addressed store, build, import, fetch.
 pub mod image;
 /// SIGINT/SIGTERM: a process-wide flag every stage checks or awaits.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{qemu_processes_mentioning, reprovm_vm, reprovm_vm_wrapped, test_image, text, TestEnv};
 use reprovm::guest::{GuestError, GuestSession, RunKeys};
 use reprovm::image::Store;
-use reprovm::vm::{AccelChoice, BootOptions, Machine, MachineSpec};
+use reprovm::vm::{AccelChoice, BootOptions, Machine, MachineSpec, Network};
 
 const FACTS: &str = "nproc; date -u +%F; grep -m1 flags /proc/cpuinfo; exit 7";
 
@@ -157,6 +157,8 @@ async fn boot_test_machine(env: &TestEnv, cpus: u32, memory_mib: u32) -> Machine
         qemu: "qemu-system-x86_64".into(),
         boot_timeout: Duration::from_secs(300),
         runtime_dir: env.tmp.clone(),
+        disks: Vec::new(),
+        network: Network::None,
     };
     Machine::boot(&image, &opts).await.unwrap()
 }

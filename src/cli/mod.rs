@@ -1,6 +1,7 @@
 //! The command line: clap definitions, the error type every command returns
 //! (with its exit code), logging set-up, and dispatch to the command functions.
 
+mod build;
 mod image;
 mod run;
 
@@ -43,6 +44,26 @@ pub enum Commands {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Rebuild a source tree in the builder: artifacts, SHA256SUMS, result.json,
+    /// build.log and serial.log in --out.
+    Build(build::BuildArgs),
+    /// Rebuild, then compare with published hashes; exit 1 when any artifact
+    /// differs, is missing or is unexpected.
+    Verify {
+        /// The build.
+        #[command(flatten)]
+        build: build::BuildArgs,
+        /// The published SHA256SUMS or result.json.
+        #[arg(long, value_name = "FILE")]
+        expect: PathBuf,
+    },
+    /// Compare recorded results (result.json or SHA256SUMS) of several
+    /// builders without rebuilding; exit 1 when they differ.
+    Compare {
+        /// Two or more result.json or SHA256SUMS files.
+        #[arg(required = true, num_args = 2.., value_name = "RESULT")]
+        results: Vec<PathBuf>,
+    },
     /// An interactive shell in the builder, torn down on exit.
     Shell {
         /// The machine to boot.
@@ -51,28 +72,29 @@ pub enum Commands {
     },
 }
 
-/// Which image to boot and the guest-visible machine.
+/// Which image to boot and the guest-visible machine. For `build` and
+/// `verify`, flags given override the recipe.
 #[derive(Clone, Debug, clap::Args)]
 pub struct MachineArgs {
-    /// Image pin (sha256:<hex>); default: the store's only image.
+    /// Image pin (sha256:<hex>); default: the recipe's, else the store's only image.
     #[arg(long, env = "REPROVM_IMAGE")]
     pub image: Option<String>,
-    /// Accelerator: KVM when it boots (auto), KVM or fail, or TCG.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub accel: AccelChoice,
+    /// Accelerator: KVM when it boots (auto, the default), KVM or fail, or TCG.
+    #[arg(long, value_enum)]
+    pub accel: Option<AccelChoice>,
     /// QEMU binary to run.
     #[arg(long, env = "REPROVM_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
-    /// Named CPU model (never host or max).
-    #[arg(long, default_value = crate::vm::args::DEFAULT_CPU_MODEL, value_parser = parse_cpu_model)]
-    pub cpu_model: String,
-    /// vCPUs.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub cpus: u32,
-    /// Memory in MiB.
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(256..=262144))]
-    pub memory: u32,
-    /// Guest clock at boot, seconds since 1970 (default: the image's date).
+    /// Named CPU model, never host or max [default: Nehalem-v1].
+    #[arg(long, value_parser = parse_cpu_model)]
+    pub cpu_model: Option<String>,
+    /// vCPUs [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: Option<u32>,
+    /// Memory in MiB [default: 2048].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(256..=262144))]
+    pub memory: Option<u32>,
+    /// Guest clock at boot, seconds since 1970 [default: the image's date].
     #[arg(long)]
     pub clock: Option<i64>,
     /// Seconds allowed from QEMU start to an authenticated SSH session.
@@ -81,14 +103,7 @@ pub struct MachineArgs {
 }
 
 fn parse_cpu_model(value: &str) -> Result<String, String> {
-    let base = value.split(',').next().unwrap_or_default();
-    if matches!(base, "host" | "max") || base.is_empty() {
-        return Err(format!("{value:?}: use a named CPU model such as Nehalem-v1; host and max differ from host to host"));
-    }
-    if !value.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.') {
-        return Err(format!("{value:?}: a CPU model name only (features are fixed by reprovm)"));
-    }
-    Ok(value.to_string())
+    crate::vm::args::check_cpu_model(value).map(|()| value.to_string())
 }
 
 /// `reprovm image …`
@@ -170,6 +185,18 @@ pub enum Error {
     /// VM failure.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// A build failed.
+    #[error(transparent)]
+    BuildRun(#[from] crate::build::BuildError),
+    /// The build recipe is unusable.
+    #[error(transparent)]
+    Recipe(#[from] crate::build::RecipeError),
+    /// A result or SHA256SUMS file is unusable.
+    #[error(transparent)]
+    Record(#[from] crate::build::RecordError),
+    /// A command-line value contradicts another or the file system.
+    #[error("{0}")]
+    Usage(String),
     /// Interrupted by a signal.
     #[error(transparent)]
     Interrupted(#[from] Interrupted),
@@ -186,6 +213,8 @@ impl Error {
             Error::Corrupt { .. } => Exit::PinMismatch,
             Error::NoImage { .. } | Error::BadCommand => Exit::Usage,
             Error::Vm(_) => Exit::Vm,
+            Error::BuildRun(e) => e.exit(),
+            Error::Recipe(_) | Error::Record(_) | Error::Usage(_) => Exit::Usage,
             Error::Interrupted(_) => Exit::Interrupted,
         }
     }
@@ -232,6 +261,9 @@ pub async fn run(args: Args) -> u8 {
             Commands::Image(cmd) => image::run(cmd).await.map(Exit::code),
             Commands::Run { machine, command } => run::run(machine, command).await,
             Commands::Shell { machine } => run::shell(machine).await,
+            Commands::Build(args) => build::build(args).await,
+            Commands::Verify { build: args, expect } => build::verify(args, expect).await,
+            Commands::Compare { results } => build::compare(results),
         }
     };
     let result = tokio::select! {

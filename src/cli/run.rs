@@ -5,25 +5,30 @@ use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use crate::build::recipe::{DEFAULT_CPUS, DEFAULT_MEMORY_MIB};
 use crate::cli::{parse_pin, Error, MachineArgs};
 use crate::guest::session::as_build_user;
 use crate::guest::{GuestError, GuestSession};
 use crate::image::{Pin, Store, StoredImage};
 use crate::vm::machine::tail_of;
-use crate::vm::{BootOptions, Machine, MachineSpec, VmError};
+use crate::vm::{AccelChoice, BootOptions, Machine, MachineSpec, Network, VmError};
 
-/// Picks the image: the pin given, or the store's only image.
-pub fn resolve_image(store: &Store, flag: Option<&str>) -> Result<Pin, Error> {
-    if let Some(value) = flag {
+/// Picks the image: the pin given, else the store's only image (with
+/// `name`, when given).
+pub fn resolve_image(store: &Store, pin: Option<&str>, name: Option<&str>) -> Result<Pin, Error> {
+    if let Some(value) = pin {
         return parse_pin("--image", value);
     }
-    let images = store.list()?;
+    let images: Vec<_> = store.list()?.into_iter().filter(|i| name.is_none_or(|n| i.layout.metadata.name == n)).collect();
+    let named = name.map(|n| format!(" named {n}")).unwrap_or_default();
     match images.as_slice() {
         [only] => Ok(only.pin),
-        [] => Err(Error::NoImage { detail: format!("the store ({}) is empty: run `reprovm image build` first", store.root().display()) }),
+        [] => Err(Error::NoImage {
+            detail: format!("the store ({}) holds no image{named}: run `reprovm image build` first", store.root().display()),
+        }),
         many => Err(Error::NoImage {
             detail: format!(
-                "the store holds {} images; choose one with --image: {}",
+                "the store holds {} images{named}; choose one with --image: {}",
                 many.len(),
                 many.iter().map(|i| i.pin.to_string()).collect::<Vec<_>>().join(", ")
             ),
@@ -43,21 +48,23 @@ pub async fn verified_image(store: Store, pin: Pin) -> Result<StoredImage, Error
 pub fn boot_options(args: &MachineArgs, image: &StoredImage) -> BootOptions {
     BootOptions {
         spec: MachineSpec {
-            cpu_model: args.cpu_model.clone(),
-            cpus: args.cpus,
-            memory_mib: args.memory,
+            cpu_model: args.cpu_model.clone().unwrap_or_else(|| crate::vm::args::DEFAULT_CPU_MODEL.to_string()),
+            cpus: args.cpus.unwrap_or(DEFAULT_CPUS),
+            memory_mib: args.memory.unwrap_or(DEFAULT_MEMORY_MIB),
             clock: args.clock.unwrap_or(image.layout.metadata.source_date_epoch),
         },
-        accel: args.accel,
+        accel: args.accel.unwrap_or(AccelChoice::Auto),
         qemu: args.qemu.clone(),
         boot_timeout: Duration::from_secs(args.boot_timeout),
         runtime_dir: std::env::temp_dir(),
+        disks: Vec::new(),
+        network: Network::None,
     }
 }
 
 async fn boot(args: &MachineArgs) -> Result<Machine, Error> {
     let store = Store::from_env()?;
-    let pin = resolve_image(&store, args.image.as_deref())?;
+    let pin = resolve_image(&store, args.image.as_deref(), None)?;
     let image = verified_image(store, pin).await?;
     Ok(Machine::boot(&image, &boot_options(args, &image)).await?)
 }

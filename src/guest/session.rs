@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use crate::deadline::{Deadline, Timeout};
 use crate::guest::keys::RunKeys;
 
 /// The user sessions log in as; commands are then run as [`BUILD_USER`].
@@ -40,6 +41,9 @@ pub enum GuestError {
         #[source]
         source: ssh2::Error,
     },
+    /// The command ran past its deadline (it is left to the VM's teardown).
+    #[error(transparent)]
+    Deadline(#[from] Timeout),
     /// Reading or writing the streams failed.
     #[error("SSH {action} failed")]
     Io {
@@ -111,9 +115,21 @@ impl GuestSession {
     /// Runs `command` (a shell command line, as root) and returns its exit
     /// status, streaming its stdout and stderr into the writers as they come.
     pub fn exec(&self, command: &str, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<i32, GuestError> {
+        self.exec_until(command, None, stdout, stderr)
+    }
+
+    /// [`GuestSession::exec`] that gives up with [`GuestError::Deadline`]
+    /// once `deadline` (if any) passes; `what` names the command in that error.
+    pub fn exec_until(
+        &self,
+        command: &str,
+        deadline: Option<(Deadline, &'static str)>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<i32, GuestError> {
         let mut channel = self.session.channel_session().map_err(ssh_err("open a channel"))?;
         channel.exec(command).map_err(ssh_err("exec"))?;
-        self.pump(&mut channel, None, stdout, stderr)?;
+        self.pump(&mut channel, None, deadline, stdout, stderr)?;
         channel.wait_close().map_err(ssh_err("close the channel"))?;
         channel.exit_status().map_err(ssh_err("read the exit status"))
     }
@@ -131,17 +147,19 @@ impl GuestSession {
         let mut channel = self.session.channel_session().map_err(ssh_err("open a channel"))?;
         channel.request_pty(term, None, Some((size.0, size.1, 0, 0))).map_err(ssh_err("request a PTY"))?;
         channel.exec(&as_build_user("exec bash --login")).map_err(ssh_err("start the shell"))?;
-        self.pump(&mut channel, Some(input), output, &mut io::sink())?;
+        self.pump(&mut channel, Some(input), None, output, &mut io::sink())?;
         channel.wait_close().map_err(ssh_err("close the channel"))?;
         channel.exit_status().map_err(ssh_err("read the exit status"))
     }
 
     /// Moves bytes between the channel and the writers (and `input`, if
-    /// given) until the remote side closes, waiting in poll(2) when idle.
+    /// given) until the remote side closes or the deadline passes, waiting
+    /// in poll(2) when idle.
     fn pump(
         &self,
         channel: &mut ssh2::Channel,
         input: Option<BorrowedFd<'_>>,
+        deadline: Option<(Deadline, &'static str)>,
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
     ) -> Result<(), GuestError> {
@@ -167,6 +185,9 @@ impl GuestSession {
                 }
                 if channel.eof() {
                     return Ok(());
+                }
+                if let Some((deadline, what)) = deadline.filter(|(d, _)| d.passed()) {
+                    return Err(deadline.timeout(what, None).into());
                 }
                 if progressed {
                     continue;

@@ -10,11 +10,8 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
-use std::time::Duration;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
@@ -22,25 +19,12 @@ use crate::image::bundle::{self, ImageMetadata, FORMAT_VERSION};
 use crate::image::pin::{hash_file, Pin};
 use crate::image::recipe::{is_mirror_url, ImageRecipe, RecipeError};
 use crate::image::store::{Store, StoreError, StoredImage};
-use crate::interrupt::{self, Interrupted};
-use crate::process::Supervised;
+use crate::host_tools::{check_mke2fs, clean_command, make_ext4, probe, run_logged, Ext4Spec, ToolError};
 use crate::path_error::{path_error, PathError};
 use crate::Exit;
 
 /// Label of the root filesystem.
 const ROOTFS_LABEL: &str = "builder-root";
-/// mke2fs configuration used instead of the host's /etc/mke2fs.conf, so the
-/// host's defaults cannot change the filesystem.
-const MKE2FS_CONF: &str = "[defaults]
-\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
-\tblocksize = 4096
-\tinode_size = 256
-\tinode_ratio = 16384
-[fs_types]
-\text4 = {
-\t\tfeatures = extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
-\t}
-";
 
 /// Options of one image build.
 #[derive(Clone, Debug, Default)]
@@ -63,36 +47,9 @@ pub enum BuildError {
         /// The value given.
         value: String,
     },
-    /// A host tool is missing.
-    #[error("{tool} is not installed: install the Debian package {package}")]
-    MissingTool {
-        /// The program.
-        tool: &'static str,
-        /// The Debian package that provides it.
-        package: &'static str,
-    },
-    /// A host tool is too old for what the build needs.
-    #[error("{tool} {found} is too old: version {needed} or later is needed; install the Debian package {package}")]
-    ToolTooOld {
-        /// The program.
-        tool: &'static str,
-        /// The version found.
-        found: String,
-        /// The minimum version.
-        needed: &'static str,
-        /// Where to get a newer one.
-        package: &'static str,
-    },
-    /// A host tool exited with failure.
-    #[error("{tool} failed ({status}){}", if log_tail.is_empty() { String::new() } else { format!("; last output:\n{log_tail}") })]
-    ToolFailed {
-        /// The program.
-        tool: &'static str,
-        /// Its exit status.
-        status: std::process::ExitStatus,
-        /// The end of its output.
-        log_tail: String,
-    },
+    /// A host tool is missing or failed.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
     /// The root filesystem tar lacks something the image needs.
     #[error("the root filesystem made by mmdebstrap has no {what}")]
     Incomplete {
@@ -102,9 +59,6 @@ pub enum BuildError {
     /// A file operation failed.
     #[error(transparent)]
     Io(#[from] PathError),
-    /// SIGINT or SIGTERM arrived.
-    #[error(transparent)]
-    Interrupted(#[from] Interrupted),
     /// The bundle could not be added to the store.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -115,86 +69,17 @@ impl BuildError {
     pub fn exit(&self) -> Exit {
         match self {
             BuildError::Store(e) => e.exit(),
-            BuildError::Interrupted(_) => Exit::Interrupted,
+            BuildError::Tool(ToolError::Interrupted(_)) => Exit::Interrupted,
             _ => Exit::Usage,
         }
     }
 }
 
-/// A command with nothing of the host's environment: fixed PATH, locale,
-/// timezone, umask and working directory (the work dir), plus SOURCE_DATE_EPOCH.
-fn clean_command(program: &str, epoch: i64, tmpdir: &Path) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.current_dir(tmpdir)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("LC_ALL", "C.UTF-8")
-        .env("TZ", "UTC")
-        .env("TMPDIR", tmpdir)
-        .env("SOURCE_DATE_EPOCH", epoch.to_string());
-    // SAFETY: umask(2) is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-            Ok(())
-        });
-    }
-    cmd
-}
-
-/// Runs `cmd` as a supervised child with its output in `log`. On failure the
-/// error carries the log's tail; on SIGINT/SIGTERM the child's group gets
-/// SIGTERM (mmdebstrap then unmounts and cleans up) before we return.
-fn run_logged(tool: &'static str, package: &'static str, cmd: &mut Command, log: &Path) -> Result<(), BuildError> {
-    tracing::info!("running {tool}");
-    let log_file = File::create(log).map_err(path_error("create", log))?;
-    cmd.stdin(Stdio::null()).stdout(log_file.try_clone().map_err(path_error("open", log))?).stderr(log_file);
-    let mut child = Supervised::spawn(tool, cmd).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => BuildError::MissingTool { tool, package },
-        _ => path_error("run", Path::new(tool))(e).into(),
-    })?;
-    let status = loop {
-        if let Err(interrupted) = interrupt::check() {
-            child.terminate(Duration::from_secs(60)).map_err(path_error("stop", Path::new(tool)))?;
-            return Err(interrupted.into());
-        }
-        if let Some(status) = child.wait_for(Duration::from_millis(200)).map_err(path_error("wait for", Path::new(tool)))? {
-            break status;
-        }
-    };
-    if status.success() {
-        return Ok(());
-    }
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let log_tail = lines[lines.len().saturating_sub(25)..].join("\n");
-    Err(BuildError::ToolFailed { tool, status, log_tail })
-}
-
-/// mke2fs populates a filesystem from a tar (`-d FILE.tar`) since 1.47.1.
-const MKE2FS_MIN: (u32, u32, u32) = (1, 47, 1);
-/// Where to get e2fsprogs 1.47.1 or later (with its libarchive).
-const E2FSPROGS_PACKAGE: &str = "e2fsprogs (>= 1.47.1, from bookworm-backports on bookworm) and libarchive13";
-
 /// Fails early, before minutes of mmdebstrap, when a needed tool is missing
 /// or too old.
 fn check_tools() -> Result<(), BuildError> {
-    let probe = |tool: &'static str, arg: &str, package: &'static str| {
-        Command::new(tool).arg(arg).stdin(Stdio::null()).output().map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => BuildError::MissingTool { tool, package },
-            _ => path_error("run", Path::new(tool))(e).into(),
-        })
-    };
     probe("mmdebstrap", "--version", "mmdebstrap")?;
-    let out = probe("mke2fs", "-V", E2FSPROGS_PACKAGE)?;
-    let text = String::from_utf8_lossy(&out.stderr);
-    let found = text.split_whitespace().nth(1).unwrap_or_default().to_string();
-    let mut parts = found.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if version < MKE2FS_MIN {
-        return Err(BuildError::ToolTooOld { tool: "mkfs.ext4", found, needed: "1.47.1", package: E2FSPROGS_PACKAGE });
-    }
-    Ok(())
+    Ok(check_mke2fs()?)
 }
 
 /// Removes the work directory unless something is still mounted inside it
@@ -209,18 +94,6 @@ fn remove_work_dir(work: tempfile::TempDir) {
     } else if let Err(e) = fs::remove_dir_all(&path) {
         tracing::warn!("cannot remove {}: {e}", path.display());
     }
-}
-
-/// Derives a fixed UUID (version-4 layout) from the recipe name and a purpose,
-/// so filesystems built from one recipe always carry the same identifiers.
-fn fixed_uuid(name: &str, purpose: &str) -> String {
-    let d = Sha256::digest(format!("reprovm:{name}:{purpose}"));
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&d[..16]);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 /// What the root filesystem tar says about itself.
@@ -367,21 +240,18 @@ fn build_in(
     let tar_size = fs::metadata(&rootfs_tar).map_err(path_error("stat", &rootfs_tar))?.len();
     let rootfs_mib = (tar_size / (1 << 20)) * 115 / 100 + recipe.rootfs_free_mib;
     let rootfs = work.join("rootfs.ext4");
-    let conf = work.join("mke2fs.conf");
-    fs::write(&conf, MKE2FS_CONF).map_err(path_error("write", &conf))?;
-    let mut mkfs = clean_command("mkfs.ext4", epoch, work);
-    mkfs.env("MKE2FS_CONFIG", &conf)
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .args(["-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-L", ROOTFS_LABEL])
-        .arg("-U")
-        .arg(fixed_uuid(&recipe.name, "rootfs"))
-        .arg("-E")
-        .arg(format!("hash_seed={},root_owner=0:0,lazy_itable_init=0,nodiscard", fixed_uuid(&recipe.name, "hash-seed")))
-        .arg("-d")
-        .arg(&rootfs_tar)
-        .arg(&rootfs)
-        .arg(format!("{rootfs_mib}M"));
-    run_logged("mkfs.ext4", E2FSPROGS_PACKAGE, &mut mkfs, &work.join("mkfs.log"))?;
+    make_ext4(
+        &Ext4Spec {
+            tar: rootfs_tar,
+            image: rootfs.clone(),
+            size_mib: rootfs_mib,
+            label: ROOTFS_LABEL,
+            uuid_name: recipe.name.clone(),
+            root_owner: (0, 0),
+            epoch,
+        },
+        work,
+    )?;
 
     let recipe_sha256 = hash_file(recipe_path).map_err(path_error("hash", recipe_path))?.hex();
     let metadata = ImageMetadata {
@@ -414,15 +284,6 @@ fn build_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fixed_uuids_are_stable_and_well_formed() {
-        let a = fixed_uuid("debian-bookworm-amd64", "rootfs");
-        assert_eq!(a, fixed_uuid("debian-bookworm-amd64", "rootfs"));
-        assert_ne!(a, fixed_uuid("debian-bookworm-amd64", "hash-seed"));
-        assert_eq!(a.len(), 36);
-        assert_eq!(&a[14..15], "4");
-    }
 
     #[test]
     fn installed_packages_skips_removed_ones() {

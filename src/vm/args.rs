@@ -19,6 +19,19 @@ pub const MACHINE_TYPE: &str = "pc-q35-7.2";
 /// AES-NI and PCLMULQDQ, which some older or restricted hosts lack.
 pub const DEFAULT_CPU_MODEL: &str = "Nehalem-v1";
 
+/// `Ok` for a plain named CPU model; why not otherwise (`host` and `max`
+/// differ from host to host, and features are reprovm's to fix).
+pub fn check_cpu_model(value: &str) -> Result<(), String> {
+    let base = value.split(',').next().unwrap_or_default();
+    if matches!(base, "host" | "max") || base.is_empty() {
+        return Err(format!("{value:?}: use a named CPU model such as Nehalem-v1; host and max differ from host to host"));
+    }
+    if !value.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.') {
+        return Err(format!("{value:?}: a CPU model name only (features are fixed by reprovm)"));
+    }
+    Ok(())
+}
+
 /// Feature adjustments that make a named model look the same under KVM and
 /// TCG: no KVM paravirt leaves or PMU (TCG has neither), no x2apic (QEMU 7.2's
 /// TCG lacks it), no VME (TCG drops it by default), hypervisor bit always on.
@@ -63,6 +76,28 @@ pub struct MachineSpec {
     pub clock: i64,
 }
 
+/// Whether the guest may reach the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// No route out of the guest (user-mode networking with `restrict=on`);
+    /// only the host's SSH forward reaches in.
+    #[default]
+    None,
+    /// NAT to the outside through QEMU's user-mode networking.
+    Nat,
+}
+
+/// A disk besides the root filesystem: a raw file the guest finds by its
+/// serial number (`/sys/block/vd*/serial`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtraDisk {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Serial number shown to the guest.
+    pub serial: String,
+}
+
 /// Everything needed to start one QEMU.
 #[derive(Clone, Debug)]
 pub struct LaunchPlan {
@@ -88,6 +123,10 @@ pub struct LaunchPlan {
     pub ssh_port: u16,
     /// fw_cfg files: (name under opt/reprovm/, host path).
     pub fw_cfg: Vec<(String, PathBuf)>,
+    /// Disks after the root filesystem, in order.
+    pub disks: Vec<ExtraDisk>,
+    /// Network access.
+    pub network: Network,
 }
 
 /// RTC base in QEMU's format (`2024-11-25T00:00:00`).
@@ -127,7 +166,18 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
     push(&["-blockdev", &format!("driver=file,node-name=overlay-file,filename={}", p(&plan.overlay))]);
     push(&["-blockdev", "driver=qcow2,node-name=root,file=overlay-file,backing=base"]);
     push(&["-device", "virtio-blk-pci,drive=root"]);
-    push(&["-netdev", &format!("user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22", plan.ssh_port)]);
+    // Scratch and output disks: written once and thrown away, so the
+    // guest's flushes need not reach the host's disk.
+    for (i, disk) in plan.disks.iter().enumerate() {
+        push(&["-blockdev", &format!("driver=file,node-name=disk{i}-file,filename={},cache.no-flush=on", p(&disk.path))]);
+        push(&["-blockdev", &format!("driver=raw,node-name=disk{i},file=disk{i}-file")]);
+        push(&["-device", &format!("virtio-blk-pci,drive=disk{i},serial={}", disk.serial)]);
+    }
+    let restrict = match plan.network {
+        Network::None => "on",
+        Network::Nat => "off",
+    };
+    push(&["-netdev", &format!("user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{}-:22", plan.ssh_port)]);
     push(&["-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"]);
     push(&["-device", "pvpanic"]);
     // Without a hardware RNG a Nehalem guest's kernel takes seconds to seed
@@ -157,6 +207,8 @@ mod tests {
             serial_log: run.join("serial.log"),
             ssh_port: 40022,
             fw_cfg: vec![("authorized_keys".into(), run.join("authorized_keys"))],
+            disks: vec![],
+            network: Network::None,
         }
     }
 
@@ -199,6 +251,19 @@ mod tests {
         let differing: Vec<_> = tcg.iter().zip(&kvm).filter(|(a, b)| a != b).collect();
         assert_eq!(differing.len(), 1);
         assert_eq!(differing[0].1, "pc-q35-7.2,accel=kvm");
+    }
+
+    #[test]
+    fn extra_disks_follow_the_root_and_nat_lifts_the_restriction() {
+        let mut plan = plan(Accelerator::Tcg);
+        plan.disks = vec![ExtraDisk { path: "/tmp/b/scratch.img".into(), serial: "reprovm-scratch".into() }];
+        plan.network = Network::Nat;
+        let args: Vec<String> = qemu_args(&plan).into_iter().map(|a| a.into_string().unwrap()).collect();
+        let line = args.join(" ");
+        let root = line.find("virtio-blk-pci,drive=root").unwrap();
+        let scratch = line.find("-blockdev driver=file,node-name=disk0-file,filename=/tmp/b/scratch.img,cache.no-flush=on -blockdev driver=raw,node-name=disk0,file=disk0-file -device virtio-blk-pci,drive=disk0,serial=reprovm-scratch").unwrap();
+        assert!(root < scratch);
+        assert!(line.contains("user,id=net0,restrict=off,hostfwd=tcp:127.0.0.1:40022-:22"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::image::StoredImage;
 use crate::path_error::{path_error, PathError};
 use crate::process::Supervised;
 use crate::vm::accel::{candidates, probe_kvm, AccelChoice};
-use crate::vm::args::{qemu_args, Accelerator, LaunchPlan, MachineSpec, MACHINE_TYPE, CPU_FEATURES};
+use crate::vm::args::{qemu_args, Accelerator, ExtraDisk, LaunchPlan, MachineSpec, Network, CPU_FEATURES, MACHINE_TYPE};
 use crate::vm::qmp::{GuestEvent, Qmp, QmpError};
 
 /// What the guest's init prints on the serial console once userspace runs.
@@ -48,6 +48,10 @@ pub struct BootOptions {
     pub boot_timeout: Duration,
     /// Where the private per-run directory is created (normally $TMPDIR).
     pub runtime_dir: PathBuf,
+    /// Disks after the root filesystem.
+    pub disks: Vec<ExtraDisk>,
+    /// Network access.
+    pub network: Network,
 }
 
 /// The machine as launched, for the result.
@@ -242,6 +246,8 @@ fn prepare(image: &StoredImage, opts: &BootOptions, accel: Accelerator, dir: &Pa
             .iter()
             .map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p.clone()))
             .collect(),
+        disks: opts.disks.clone(),
+        network: opts.network,
     };
     Ok(RunFiles { plan, keys, key_files, qemu_log: dir.join("qemu.log") })
 }

@@ -7,5 +7,5 @@ pub mod machine;
 pub mod qmp;
 
 pub use accel::AccelChoice;
-pub use args::{Accelerator, MachineSpec};
+pub use args::{Accelerator, ExtraDisk, MachineSpec, Network};
 pub use machine::{BootOptions, LaunchedMachine, Machine, VmError};

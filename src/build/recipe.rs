@@ -1,0 +1,328 @@
+//! Build recipes: `reprovm.toml` beside the sources, the strict description
+//! of which image and machine a build needs, its command, environment,
+//! network and artifacts (docs/recipe.md). Unknown fields are errors, and
+//! every value is checked here, before anything boots.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::image::Pin;
+pub use crate::vm::Network;
+use crate::vm::AccelChoice;
+
+/// File name of a build recipe beside the sources.
+pub const RECIPE_FILE: &str = "reprovm.toml";
+
+/// Default vCPUs, memory and scratch disk when the recipe names none.
+pub const DEFAULT_CPUS: u32 = 2;
+/// Default memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 2048;
+/// Default scratch disk in MiB (a sparse file: costs only what is written).
+pub const DEFAULT_SCRATCH_MIB: u64 = 16384;
+/// Default limit for the build command.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;
+
+/// A build recipe as written.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRecipe {
+    /// Which builder image.
+    #[serde(default)]
+    pub image: ImageSection,
+    /// The guest-visible machine.
+    #[serde(default)]
+    pub machine: MachineSection,
+    /// What to run and what comes out.
+    pub build: BuildSection,
+}
+
+/// `[image]`
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSection {
+    /// Exact image pin, `sha256:<hex>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
+    /// Image name (as in `reprovm image list`), used when no pin is given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The image recipe directory it is built from, relative to this file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<PathBuf>,
+}
+
+/// `[machine]`
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineSection {
+    /// Named CPU model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
+    /// vCPUs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// Guest clock at boot, seconds since 1970.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock: Option<i64>,
+    /// Scratch disk (the build directory) in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scratch_mib: Option<u64>,
+    /// Accelerator choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accel: Option<AccelChoice>,
+}
+
+/// `[build]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSection {
+    /// Run by `/bin/sh -c` in the build directory as the build user.
+    pub command: String,
+    /// Extra environment for provision scripts and the build.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Network access during provisioning and the build.
+    #[serde(default)]
+    pub network: Network,
+    /// Limit for the build command in seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// SOURCE_DATE_EPOCH; default: the last commit touching the source, else
+    /// the guest clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_date_epoch: Option<i64>,
+    /// Globs (relative to the build directory) of the files to bring back.
+    pub artifacts: Vec<String>,
+    /// Shell commands run as root in the build directory before the build.
+    #[serde(default)]
+    pub provision: Vec<String>,
+}
+
+fn default_timeout() -> u64 {
+    DEFAULT_TIMEOUT_SECS
+}
+
+/// A recipe that cannot be used (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    /// The file could not be read.
+    #[error("cannot read build recipe {}", path.display())]
+    Read {
+        /// The recipe path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML of the recipe's shape (unknown field, wrong type…).
+    #[error("invalid build recipe {}: {message}", path.display())]
+    Parse {
+        /// The recipe path.
+        path: PathBuf,
+        /// The parser's message, which names the field and line.
+        message: String,
+    },
+    /// A field has a value that is not allowed.
+    #[error("invalid build recipe {}: field `{field}` = {value:?}: {expected}", path.display())]
+    Field {
+        /// The recipe path.
+        path: PathBuf,
+        /// The field name.
+        field: String,
+        /// The rejected value.
+        value: String,
+        /// What was expected instead.
+        expected: String,
+    },
+}
+
+/// Whether `name` is a portable environment variable name.
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_') && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Why an artifact glob is refused, if it is: it must stay inside the build
+/// directory and fit on one line of SHA256SUMS.
+pub fn check_artifact_glob(glob: &str) -> Result<(), &'static str> {
+    if glob.is_empty() {
+        return Err("an empty glob matches nothing");
+    }
+    if glob.contains(['\n', '\r', '\0']) {
+        return Err("a glob is one line without NUL bytes");
+    }
+    let path = Path::new(glob);
+    if path.is_absolute() {
+        return Err("globs are relative to the build directory; an absolute path would reach outside it");
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err("`..` would reach outside the build directory");
+    }
+    Ok(())
+}
+
+impl BuildRecipe {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<BuildRecipe, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates recipe text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<BuildRecipe, RecipeError> {
+        let recipe: BuildRecipe = toml::from_str(text)
+            .map_err(|e| RecipeError::Parse { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() })?;
+        recipe.validate(path)?;
+        Ok(recipe)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), RecipeError> {
+        let bad = |field: &str, value: &dyn std::fmt::Display, expected: &str| RecipeError::Field {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            value: value.to_string(),
+            expected: expected.to_string(),
+        };
+        if let Some(pin) = &self.image.pin {
+            pin.parse::<Pin>().map_err(|e| bad("image.pin", pin, &e.to_string()))?;
+        }
+        if let Some(model) = &self.machine.cpu_model {
+            crate::vm::args::check_cpu_model(model).map_err(|e| bad("machine.cpu_model", model, &e))?;
+        }
+        if let Some(cpus) = self.machine.cpus.filter(|c| !(1..=64).contains(c)) {
+            return Err(bad("machine.cpus", &cpus, "1 to 64"));
+        }
+        if let Some(memory) = self.machine.memory_mib.filter(|m| !(256..=262_144).contains(m)) {
+            return Err(bad("machine.memory_mib", &memory, "256 to 262144"));
+        }
+        if let Some(scratch) = self.machine.scratch_mib.filter(|m| !(64..=4_194_304).contains(m)) {
+            return Err(bad("machine.scratch_mib", &scratch, "64 to 4194304"));
+        }
+        if let Some(clock) = self.machine.clock.filter(|c| !(0..=253_402_300_799).contains(c)) {
+            return Err(bad("machine.clock", &clock, "seconds since 1970, before the year 10000"));
+        }
+        let build = &self.build;
+        if build.command.trim().is_empty() || build.command.contains('\0') {
+            return Err(bad("build.command", &build.command, "a non-empty shell command line without NUL bytes"));
+        }
+        if !(1..=7 * 24 * 3600).contains(&build.timeout_secs) {
+            return Err(bad("build.timeout_secs", &build.timeout_secs, "1 to 604800 seconds"));
+        }
+        if let Some(epoch) = build.source_date_epoch.filter(|c| !(0..=253_402_300_799).contains(c)) {
+            return Err(bad("build.source_date_epoch", &epoch, "seconds since 1970, before the year 10000"));
+        }
+        for (name, value) in &build.env {
+            if !is_env_name(name) {
+                return Err(bad("build.env", name, "variable names are letters, digits and _, not starting with a digit"));
+            }
+            if name == "SOURCE_DATE_EPOCH" {
+                return Err(bad("build.env", name, "set build.source_date_epoch instead"));
+            }
+            if value.contains('\0') {
+                return Err(bad(&format!("build.env.{name}"), value, "a value without NUL bytes"));
+            }
+        }
+        if build.artifacts.is_empty() {
+            return Err(bad("build.artifacts", &"[]", "at least one glob of the files to bring back"));
+        }
+        for glob in &build.artifacts {
+            check_artifact_glob(glob).map_err(|why| bad("build.artifacts", glob, why))?;
+        }
+        if let Some(script) = build.provision.iter().find(|s| s.trim().is_empty() || s.contains('\0')) {
+            return Err(bad("build.provision", script, "non-empty shell command lines without NUL bytes"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[build]\ncommand = \"make\"\nartifacts = [\"hello\"]\n";
+
+    fn parse(text: &str) -> Result<BuildRecipe, RecipeError> {
+        BuildRecipe::parse(text, Path::new("src/reprovm.toml"))
+    }
+
+    fn field_error(text: &str) -> String {
+        match parse(text) {
+            Err(e @ RecipeError::Field { .. }) => e.to_string(),
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_recipe_gets_defaults() {
+        let r = parse(MINIMAL).unwrap();
+        assert_eq!(r.build.network, Network::None);
+        assert_eq!(r.build.timeout_secs, DEFAULT_TIMEOUT_SECS);
+        assert_eq!(r.machine, MachineSection::default());
+        assert!(r.build.provision.is_empty() && r.build.env.is_empty());
+    }
+
+    #[test]
+    fn full_recipe_parses() {
+        let r = parse(
+            "[image]\npin = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nname = \"x\"\nrecipe = \"../img\"\n\
+             [machine]\ncpu_model = \"Westmere-v1\"\ncpus = 4\nmemory_mib = 4096\nclock = 1700000000\nscratch_mib = 1024\naccel = \"tcg\"\n\
+             [build]\ncommand = \"make\"\nenv = { CFLAGS = \"-O2\" }\nnetwork = \"nat\"\ntimeout_secs = 60\nsource_date_epoch = 1\nartifacts = [\"out/*.deb\"]\nprovision = [\"true\"]\n",
+        )
+        .unwrap();
+        assert_eq!(r.machine.accel, Some(AccelChoice::Tcg));
+        assert_eq!(r.build.network, Network::Nat);
+        assert_eq!(r.build.env["CFLAGS"], "-O2");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_naming_file_and_field() {
+        let e = parse("[build]\ncommand = \"make\"\nartifacts = [\"a\"]\nartefacts = [\"b\"]\n").unwrap_err().to_string();
+        assert!(e.contains("src/reprovm.toml") && e.contains("artefacts"), "{e}");
+        let e = parse(&format!("{MINIMAL}[machine]\ncpu = 2\n")).unwrap_err().to_string();
+        assert!(e.contains("cpu"), "{e}");
+        let e = parse("[build]\ncommand = \"make\"\nartifacts = [\"a\"]\nnetwork = \"bridge\"\n").unwrap_err().to_string();
+        assert!(e.contains("bridge"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_field_and_value() {
+        let e = field_error("[build]\ncommand = \"make\"\nartifacts = [\"../etc/passwd\"]\n");
+        assert!(e.contains("build.artifacts") && e.contains("../etc/passwd") && e.contains("outside"), "{e}");
+        let e = field_error("[build]\ncommand = \"make\"\nartifacts = [\"/etc/passwd\"]\n");
+        assert!(e.contains("absolute"), "{e}");
+        let e = field_error("[build]\ncommand = \"make\"\nartifacts = []\n");
+        assert!(e.contains("build.artifacts"), "{e}");
+        let e = field_error(&format!("{MINIMAL}[machine]\ncpu_model = \"host\"\n"));
+        assert!(e.contains("machine.cpu_model") && e.contains("host"), "{e}");
+        let e = field_error(&format!("{MINIMAL}[machine]\ncpus = 0\n"));
+        assert!(e.contains("machine.cpus"), "{e}");
+        let e = field_error(&format!("{MINIMAL}[image]\npin = \"sha256:12\"\n"));
+        assert!(e.contains("image.pin"), "{e}");
+        let e = field_error("[build]\ncommand = \"  \"\nartifacts = [\"a\"]\n");
+        assert!(e.contains("build.command"), "{e}");
+        let e = field_error("[build]\ncommand = \"make\"\nartifacts = [\"a\"]\nenv = { \"1X\" = \"y\" }\n");
+        assert!(e.contains("build.env") && e.contains("1X"), "{e}");
+        let e = field_error("[build]\ncommand = \"make\"\nartifacts = [\"a\"]\nenv = { SOURCE_DATE_EPOCH = \"1\" }\n");
+        assert!(e.contains("source_date_epoch"), "{e}");
+        let e = field_error("[build]\ncommand = \"make\"\nartifacts = [\"a\"]\ntimeout_secs = 0\n");
+        assert!(e.contains("build.timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn missing_command_is_a_parse_error() {
+        let e = parse("[build]\nartifacts = [\"a\"]\n").unwrap_err().to_string();
+        assert!(e.contains("command"), "{e}");
+    }
+
+    #[test]
+    fn globs_inside_the_build_directory_pass() {
+        for glob in ["hello", "dist/*.tar.gz", "**/*.deb", "./out/x", "a..b"] {
+            assert!(check_artifact_glob(glob).is_ok(), "{glob}");
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! The default chain of build stages: verify the image, archive the source
+//! onto a scratch disk, boot, mount and provision, run the build command as
+//! the build user in a clean environment, collect the artifacts onto the
+//! output disk, power off, extract and hash them, write SHA256SUMS and
+//! result.json, and move the output directory into place.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::build::artifacts::{self, Artifact};
+use crate::build::output::OutputDir;
+use crate::build::recipe::{BuildRecipe, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DEFAULT_SCRATCH_MIB};
+use crate::build::result::{BuildResult, Inputs, MachineRecord, RecipeRecord, Timings, RESULT_FORMAT};
+use crate::build::source::SourceTree;
+use crate::build::BuildError;
+use crate::deadline::Deadline;
+use crate::guest::session::BUILD_USER;
+use crate::guest::{GuestError, GuestSession};
+use crate::host_tools::{make_ext4, Ext4Spec};
+use crate::image::{Pin, Store, StoredImage};
+use crate::path_error::path_error;
+use crate::vm::machine::tail_of;
+use crate::vm::{AccelChoice, BootOptions, ExtraDisk, Machine, MachineSpec, VmError};
+
+/// Mounts the scratch disk in the guest (run as root).
+const PREPARE_SCRIPT: &str = include_str!("../../provision/prepare-build");
+/// Collects the artifacts onto the output disk (run as root).
+const COLLECT_SCRIPT: &str = include_str!("../../provision/collect-artifacts");
+/// Serial numbers the guest scripts find the disks by.
+const SCRATCH_SERIAL: &str = "reprovm-scratch";
+const OUTPUT_SERIAL: &str = "reprovm-output";
+/// The build directory in the guest.
+const BUILD_DIR: &str = "/build/src";
+/// PATH of the build.
+const BUILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
+
+/// One build to run, validated by the command line.
+#[derive(Clone, Debug)]
+pub struct BuildRequest {
+    /// The source directory.
+    pub source: PathBuf,
+    /// The recipe file, as given.
+    pub recipe_file: PathBuf,
+    /// The recipe with command-line overrides applied.
+    pub recipe: BuildRecipe,
+    /// The image to boot.
+    pub image: Pin,
+    /// The store holding it.
+    pub store: Store,
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// Limit from QEMU start to an authenticated SSH session.
+    pub boot_timeout: Duration,
+    /// The output directory.
+    pub out: PathBuf,
+}
+
+/// Where a build reports its stages: a spinner on a terminal, plain lines
+/// otherwise.
+pub trait Progress: Send + Sync {
+    /// A stage begins; `streams_output` when its output follows on stderr.
+    fn begin(&self, what: &str, streams_output: bool);
+    /// The current stage ended; `summary` says what it did.
+    fn end(&self, summary: &str, took: Duration);
+}
+
+/// Runs `what` on a blocking thread (hashing, archiving, SSH).
+async fn blocking<T: Send + 'static>(what: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(what).await.expect("a build thread panicked")
+}
+
+/// The scratch and output disks, in a private directory removed on drop.
+struct Disks {
+    dir: tempfile::TempDir,
+}
+
+impl Disks {
+    fn scratch(&self) -> PathBuf {
+        self.dir.path().join("scratch.img")
+    }
+    fn output(&self) -> PathBuf {
+        self.dir.path().join("output.img")
+    }
+}
+
+/// The source stage's outcome.
+struct Prepared {
+    disks: Disks,
+    source: crate::build::source::SourceRecord,
+    epoch: i64,
+    epoch_from: &'static str,
+}
+
+/// Archives the source onto a fresh scratch disk and makes the (sparse)
+/// output disk.
+fn prepare_disks(req: &BuildRequest, image_clock: i64) -> Result<Prepared, BuildError> {
+    let tree = SourceTree::scan(&req.source, Some(&req.out))?;
+    let (epoch, epoch_from) = match (req.recipe.build.source_date_epoch, tree.last_commit_time) {
+        (Some(e), _) => (e, "recipe"),
+        (None, Some(e)) => (e, "git"),
+        (None, None) => (image_clock, "clock"),
+    };
+    let source = tree.record(epoch)?;
+    let scratch_mib = req.recipe.machine.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB);
+    let source_mib = source.bytes.div_ceil(1 << 20);
+    if source_mib + source_mib / 5 + 64 > scratch_mib {
+        return Err(BuildError::ScratchTooSmall { recipe: req.recipe_file.clone(), source_mib, scratch_mib });
+    }
+    let tmp = std::env::temp_dir();
+    let dir = tempfile::Builder::new()
+        .prefix("reprovm-build-")
+        .permissions(fs::Permissions::from_mode(0o700))
+        .tempdir_in(&tmp)
+        .map_err(path_error("create a build directory in", &tmp))?;
+    let disks = Disks { dir };
+    let tar = disks.dir.path().join("scratch.tar");
+    let globs: Vec<u8> = req.recipe.build.artifacts.iter().flat_map(|g| g.bytes().chain([0])).collect();
+    tree.write_scratch_tar(&tar, epoch, &[("artifacts", globs)])?;
+    make_ext4(
+        &Ext4Spec {
+            tar: tar.clone(),
+            image: disks.scratch(),
+            size_mib: scratch_mib,
+            label: SCRATCH_SERIAL,
+            uuid_name: SCRATCH_SERIAL.to_string(),
+            root_owner: (0, 0),
+            epoch,
+        },
+        disks.dir.path(),
+    )?;
+    let _ = fs::remove_file(&tar);
+    let output = disks.output();
+    File::create(&output)
+        .and_then(|f| f.set_len(scratch_mib << 20))
+        .map_err(path_error("create", &output))?;
+    Ok(Prepared { disks, source, epoch, epoch_from })
+}
+
+/// The build environment: only what reprovm sets, then the recipe's.
+fn build_env(recipe: &BuildRecipe, epoch: i64, root: bool) -> Vec<(String, String)> {
+    let (user, home) = if root { ("root", "/root") } else { (BUILD_USER, "/build/home") };
+    let mut env: std::collections::BTreeMap<String, String> = [
+        ("PATH", BUILD_PATH),
+        ("HOME", home),
+        ("USER", user),
+        ("LOGNAME", user),
+        ("SHELL", "/bin/sh"),
+        ("TMPDIR", "/build/tmp"),
+        ("TZ", "UTC"),
+        ("LANG", "C.UTF-8"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.insert("SOURCE_DATE_EPOCH".into(), epoch.to_string());
+    env.extend(recipe.build.env.clone());
+    env.into_iter().collect()
+}
+
+fn quote(s: &str) -> String {
+    shlex::try_quote(s).map(|q| q.into_owned()).unwrap_or_else(|_| "''".into())
+}
+
+/// The command line that runs `command` in the build directory with the
+/// clean environment, as the build user (or root for provision commands).
+fn guest_command(command: &str, env: &[(String, String)], root: bool) -> String {
+    let env: Vec<String> = env.iter().map(|(k, v)| quote(&format!("{k}={v}"))).collect();
+    let user = if root {
+        String::new()
+    } else {
+        format!("setpriv --reuid={BUILD_USER} --regid={BUILD_USER} --init-groups ")
+    };
+    format!("cd {BUILD_DIR} && umask 022 && exec {user}env -i {} /bin/sh -c {}", env.join(" "), quote(command))
+}
+
+/// Copies everything written to it to build.log and to reprovm's stderr.
+struct Tee {
+    log: File,
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.log.write_all(buf)?;
+        let _ = io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = io::stderr().flush();
+        self.log.flush()
+    }
+}
+
+/// What the guest-side steps reported.
+struct GuestOutcome {
+    prepare: Duration,
+    build: Duration,
+}
+
+/// Mount, provision, build, collect: everything done over SSH, on a
+/// blocking thread.
+fn guest_steps(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path: &Path) -> Result<GuestOutcome, BuildError> {
+    let ssh = |source: GuestError| BuildError::Vm(VmError::Ssh { serial_tail: String::new(), source });
+    let start = Instant::now();
+    let (status, out, err) = session.exec_capture(&format!("sh -c {}", quote(PREPARE_SCRIPT))).map_err(ssh)?;
+    if status != 0 {
+        return Err(BuildError::Prepare { status, output: format!("{out}{err}").trim().to_string(), serial_tail: String::new() });
+    }
+    let log = File::create(log_path).map_err(path_error("create", log_path))?;
+    let tee = || log.try_clone().map(|log| Tee { log }).map_err(path_error("write", log_path));
+    let recipe = &req.recipe;
+    let limit = Deadline::after(Duration::from_secs(recipe.build.timeout_secs));
+    let log_tail = || tail_of(log_path, 30);
+    let timed = |e: GuestError| match e {
+        GuestError::Deadline(_) => BuildError::Timeout { secs: recipe.build.timeout_secs, log_tail: log_tail() },
+        other => ssh(other),
+    };
+    let root_env = build_env(recipe, epoch, true);
+    for (i, command) in recipe.build.provision.iter().enumerate() {
+        let line = guest_command(command, &root_env, true);
+        let status = session.exec_until(&line, Some((limit, "the provision commands")), &mut tee()?, &mut tee()?).map_err(timed)?;
+        if status != 0 {
+            return Err(BuildError::Provision { index: i + 1, command: command.clone(), status, log_tail: log_tail() });
+        }
+    }
+    let prepare = start.elapsed();
+    let start = Instant::now();
+    let line = guest_command(&recipe.build.command, &build_env(recipe, epoch, false), false);
+    tracing::debug!("build command line: {line}");
+    let status = session.exec_until(&line, Some((limit, "the build command")), &mut tee()?, &mut tee()?).map_err(timed)?;
+    if status != 0 {
+        return Err(BuildError::Command { status, log_tail: log_tail() });
+    }
+    let build = start.elapsed();
+    let (status, out, err) = session.exec_capture(&format!("bash -c {}", quote(COLLECT_SCRIPT))).map_err(ssh)?;
+    let problems: Vec<String> = out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, '\t');
+            match (f.next(), f.next(), f.next()) {
+                (Some("nomatch"), Some(glob), _) => Some(format!("glob {glob:?} (build.artifacts) matched nothing in {BUILD_DIR}")),
+                (Some("refused"), Some(path), Some(why)) => Some(format!("{path:?} refused: {why}")),
+                _ => None,
+            }
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(BuildError::Artifacts { problems });
+    }
+    if status != 0 {
+        return Err(BuildError::Collect { status, output: format!("{out}{err}").trim().to_string() });
+    }
+    Ok(GuestOutcome { prepare, build })
+}
+
+/// Adds the serial console's tail to SSH and guest-side errors.
+fn with_serial_tail(e: BuildError, serial_log: &Path) -> BuildError {
+    match e {
+        BuildError::Vm(VmError::Ssh { source, .. }) => BuildError::Vm(VmError::Ssh { serial_tail: tail_of(serial_log, 30), source }),
+        BuildError::Prepare { status, output, .. } => BuildError::Prepare { status, output, serial_tail: tail_of(serial_log, 30) },
+        other => other,
+    }
+}
+
+/// Runs the build. On failure after the build began, the output directory
+/// receives build.log and serial.log (never SHA256SUMS or result.json).
+pub async fn run(req: BuildRequest, progress: &dyn Progress) -> Result<BuildResult, BuildError> {
+    let output = OutputDir::prepare(&req.out)?;
+    match run_stages(&req, &output, progress).await {
+        Ok(result) => {
+            output.commit()?;
+            Ok(result)
+        }
+        Err(e) => {
+            if output.path().join("build.log").exists() {
+                let _ = output.commit();
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progress) -> Result<BuildResult, BuildError> {
+    let total = Instant::now();
+    let mut timings = Timings::default();
+
+    progress.begin("verifying the image", false);
+    let start = Instant::now();
+    let (store, pin) = (req.store.clone(), req.image);
+    let image: StoredImage = blocking(move || store.open_verified(pin)).await?;
+    timings.image_verify = start.elapsed().as_secs_f64();
+    progress.end(&format!("image {} verified", req.image), start.elapsed());
+
+    progress.begin("archiving the source", false);
+    let start = Instant::now();
+    let image_clock = req.recipe.machine.clock.unwrap_or(image.layout.metadata.source_date_epoch);
+    let prepared = {
+        let req = req.clone();
+        blocking(move || prepare_disks(&req, image_clock)).await?
+    };
+    timings.source = start.elapsed().as_secs_f64();
+    progress.end(
+        &format!(
+            "source archived: {} files, {:.1} MiB, sha256:{} (SOURCE_DATE_EPOCH {} from {})",
+            prepared.source.files,
+            prepared.source.bytes as f64 / 1048576.0,
+            &prepared.source.sha256[..16],
+            prepared.epoch,
+            prepared.epoch_from
+        ),
+        start.elapsed(),
+    );
+
+    progress.begin("booting the builder", false);
+    let machine_section = &req.recipe.machine;
+    let opts = BootOptions {
+        spec: MachineSpec {
+            cpu_model: machine_section.cpu_model.clone().unwrap_or_else(|| crate::vm::args::DEFAULT_CPU_MODEL.to_string()),
+            cpus: machine_section.cpus.unwrap_or(DEFAULT_CPUS),
+            memory_mib: machine_section.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+            clock: image_clock,
+        },
+        accel: machine_section.accel.unwrap_or(AccelChoice::Auto),
+        qemu: req.qemu.clone(),
+        boot_timeout: req.boot_timeout,
+        runtime_dir: std::env::temp_dir(),
+        disks: vec![
+            ExtraDisk { path: prepared.disks.scratch(), serial: SCRATCH_SERIAL.into() },
+            ExtraDisk { path: prepared.disks.output(), serial: OUTPUT_SERIAL.into() },
+        ],
+        network: req.recipe.build.network,
+    };
+    let mut machine = Machine::boot(&image, &opts).await?;
+    timings.boot = machine.boot_time.as_secs_f64();
+    progress.end(&format!("builder booted under {}, SSH ready", machine.launched.accelerator.as_str()), machine.boot_time);
+
+    progress.begin("building", true);
+    tracing::info!("building: {}", req.recipe.build.command);
+    let session = machine.take_session().expect("a booted machine has a session");
+    let log_path = output.path().join("build.log");
+    let outcome = {
+        let (req, log_path, epoch) = (req.clone(), log_path.clone(), prepared.epoch);
+        blocking(move || {
+            let outcome = guest_steps(&session, &req, epoch, &log_path);
+            (session, outcome)
+        })
+        .await
+    };
+    machine.put_session(outcome.0);
+    let serial_copy = output.path().join("serial.log");
+    let outcome = match outcome.1 {
+        Ok(o) => o,
+        Err(e) => {
+            let e = with_serial_tail(e, machine.serial_log());
+            let _ = fs::copy(machine.serial_log(), &serial_copy);
+            return Err(e);
+        }
+    };
+    timings.prepare = outcome.prepare.as_secs_f64();
+    timings.build = outcome.build.as_secs_f64();
+    progress.end("build finished", outcome.build);
+
+    progress.begin("fetching the artifacts", false);
+    let start = Instant::now();
+    let _ = fs::copy(machine.serial_log(), &serial_copy);
+    let launched = machine.launched.clone();
+    let facts = machine.facts.clone();
+    machine.shutdown().await;
+    let (disk, staging) = (prepared.disks.output(), output.path().to_path_buf());
+    let artifacts: Vec<Artifact> = blocking(move || artifacts::extract(&disk, &staging)).await?;
+    drop(prepared.disks);
+    let bytes: u64 = artifacts.iter().map(|a| a.size).sum();
+    timings.artifacts = start.elapsed().as_secs_f64();
+    progress.end(&format!("{} artifacts fetched, {:.1} MiB", artifacts.len(), bytes as f64 / 1048576.0), start.elapsed());
+
+    let recipe_sha256 = crate::image::pin::hash_file(&req.recipe_file).map_err(path_error("hash", &req.recipe_file))?.hex();
+    timings.total = total.elapsed().as_secs_f64();
+    let result = BuildResult {
+        format: RESULT_FORMAT,
+        reprovm_version: env!("CARGO_PKG_VERSION").to_string(),
+        inputs: Inputs {
+            image: req.image.to_string(),
+            image_name: image.layout.metadata.name.clone(),
+            source: prepared.source,
+            source_date_epoch: prepared.epoch,
+            source_date_epoch_from: prepared.epoch_from.to_string(),
+            recipe: RecipeRecord { file: req.recipe_file.clone(), sha256: recipe_sha256, effective: req.recipe.clone() },
+        },
+        machine: MachineRecord {
+            launched,
+            network: req.recipe.build.network,
+            scratch_mib: req.recipe.machine.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB),
+        },
+        guest: facts,
+        outputs: artifacts,
+        timings,
+    };
+    write_results(output.path(), &result)?;
+    Ok(result)
+}
+
+/// Writes result.json, then SHA256SUMS, each complete before it appears.
+fn write_results(dir: &Path, result: &BuildResult) -> Result<(), BuildError> {
+    let json = serde_json::to_string_pretty(result).expect("a result serializes") + "\n";
+    for (name, text) in [("result.json", json), ("SHA256SUMS", artifacts::sha256sums(&result.outputs))] {
+        let path = dir.join(name);
+        let partial = dir.join(format!(".{name}.partial"));
+        fs::write(&partial, text).map_err(path_error("write", &partial))?;
+        fs::rename(&partial, &path).map_err(path_error("write", &path))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_command_runs_as_the_build_user_with_only_the_fixed_environment() {
+        let recipe = BuildRecipe::parse(
+            "[build]\ncommand = \"make 'a b'\"\nartifacts = [\"x\"]\nenv = { CFLAGS = \"-O2 -g\", LANG = \"de_DE.UTF-8\" }\n",
+            Path::new("r"),
+        )
+        .unwrap();
+        let env = build_env(&recipe, 1_700_000_000, false);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("SOURCE_DATE_EPOCH"), Some("1700000000"));
+        assert_eq!(get("TZ"), Some("UTC"));
+        assert_eq!(get("HOME"), Some("/build/home"));
+        assert_eq!(get("LANG"), Some("de_DE.UTF-8"), "the recipe's env wins");
+        let line = guest_command(&recipe.build.command, &env, false);
+        assert!(line.starts_with("cd /build/src && umask 022 && exec setpriv --reuid=builder --regid=builder --init-groups env -i "), "{line}");
+        assert!(line.contains("'CFLAGS=-O2 -g'") && line.ends_with(r#"/bin/sh -c "make 'a b'""#), "{line}");
+        let root = guest_command("apt-get update", &build_env(&recipe, 1, true), true);
+        assert!(root.contains("exec env -i ") && root.contains("HOME=/root") && !root.contains("setpriv"), "{root}");
+    }
+}

@@ -1,0 +1,231 @@
+//! `reprovm build`, `verify` and `compare`: recipe and flags become a
+//! validated [`BuildRequest`], the build runs with progress on stderr, and
+//! stdout carries only what a script would read (SHA256SUMS, result.json,
+//! the comparison table).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::build::artifacts::sha256sums;
+use crate::build::compare::{all_identical, compare_rows, differing_inputs, render_inputs, render_rows, Status};
+use crate::build::{run, BuildRecipe, BuildRequest, BuildResult, Progress, Record, RECIPE_FILE};
+use crate::cli::run::resolve_image;
+use crate::cli::{Error, MachineArgs};
+use crate::image::Store;
+use crate::vm::Network;
+use crate::Exit;
+
+/// What to build, where, and overrides of the recipe.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BuildArgs {
+    /// The source directory.
+    #[arg(default_value = ".", value_name = "SRC")]
+    pub src: PathBuf,
+    /// The recipe [default: SRC/reprovm.toml].
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
+    /// Output directory [default: SRC/out]; replaced only if empty or an earlier reprovm output.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Image and machine (override the recipe).
+    #[command(flatten)]
+    pub machine: MachineArgs,
+    /// Scratch disk in MiB (overrides machine.scratch_mib).
+    #[arg(long, value_name = "MIB")]
+    pub scratch: Option<u64>,
+    /// Network during the build (overrides build.network).
+    #[arg(long, value_enum)]
+    pub network: Option<Network>,
+    /// Limit for the build in seconds (overrides build.timeout_secs).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Print result.json on stdout instead of SHA256SUMS.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Stage lines on stderr, with a spinner while a stage runs on a terminal.
+struct StageProgress {
+    spinner: Mutex<Option<ProgressBar>>,
+    tty: bool,
+}
+
+impl StageProgress {
+    fn new() -> StageProgress {
+        StageProgress { spinner: Mutex::new(None), tty: std::io::stderr().is_terminal() }
+    }
+}
+
+impl Progress for StageProgress {
+    fn begin(&self, what: &str, streams_output: bool) {
+        if streams_output || !self.tty {
+            if streams_output {
+                eprintln!("{what}…");
+            }
+            return;
+        }
+        let bar = ProgressBar::new_spinner().with_message(format!("{what}…"));
+        bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("a valid template"));
+        bar.enable_steady_tick(Duration::from_millis(120));
+        *self.spinner.lock().expect("spinner lock") = Some(bar);
+    }
+
+    fn end(&self, summary: &str, took: Duration) {
+        if let Some(bar) = self.spinner.lock().expect("spinner lock").take() {
+            bar.finish_and_clear();
+        }
+        eprintln!("{summary} ({:.1}s)", took.as_secs_f64());
+    }
+}
+
+/// Validates the arguments and the recipe into a request.
+fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
+    let recipe_file = args.recipe.clone().unwrap_or_else(|| args.src.join(RECIPE_FILE));
+    let mut recipe = BuildRecipe::load(&recipe_file)?;
+    if !args.src.is_dir() {
+        return Err(Error::Usage(format!("source directory {} does not exist", args.src.display())));
+    }
+    let m = &args.machine;
+    let section = &mut recipe.machine;
+    section.cpu_model = m.cpu_model.clone().or(section.cpu_model.take());
+    section.cpus = m.cpus.or(section.cpus);
+    section.memory_mib = m.memory.or(section.memory_mib);
+    section.clock = m.clock.or(section.clock);
+    section.accel = m.accel.or(section.accel);
+    section.scratch_mib = args.scratch.or(section.scratch_mib);
+    recipe.build.network = args.network.unwrap_or(recipe.build.network);
+    recipe.build.timeout_secs = args.timeout.unwrap_or(recipe.build.timeout_secs);
+    // Overrides get the same checks as the file.
+    let text = toml::to_string(&recipe).expect("a recipe serializes");
+    let recipe = BuildRecipe::parse(&text, Path::new("the command-line overrides"))?;
+
+    let store = Store::from_env()?;
+    let pin_flag = m.image.clone().or_else(|| recipe.image.pin.clone());
+    let image = resolve_image(&store, pin_flag.as_deref(), recipe.image.name.as_deref())?;
+    Ok(BuildRequest {
+        out: args.out.clone().unwrap_or_else(|| args.src.join("out")),
+        source: args.src.clone(),
+        recipe_file,
+        recipe,
+        image,
+        store,
+        qemu: m.qemu.clone(),
+        boot_timeout: Duration::from_secs(m.boot_timeout),
+    })
+}
+
+async fn run_build(req: BuildRequest) -> Result<BuildResult, Error> {
+    let progress = StageProgress::new();
+    let out = req.out.clone();
+    let result = run::run(req, &progress).await?;
+    eprintln!("output in {}: {} artifacts, SHA256SUMS, result.json, build.log, serial.log", out.display(), result.outputs.len());
+    Ok(result)
+}
+
+/// `reprovm build`.
+pub async fn build(args: BuildArgs) -> Result<u8, Error> {
+    let result = run_build(request(&args)?).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result).expect("a result serializes"));
+    } else {
+        print!("{}", sha256sums(&result.outputs));
+    }
+    Ok(Exit::Ok.code())
+}
+
+/// Runs diffoscope on each differing artifact whose expected copy lies
+/// beside the expected file; reports go to OUT/diffoscope/.
+fn diffoscope_reports(rows: &[crate::build::compare::Row], expected_dir: &Path, out: &Path) {
+    let differing: Vec<&str> = rows.iter().filter(|r| r.status == Status::Differs).map(|r| r.path.as_str()).collect();
+    if differing.is_empty() {
+        return;
+    }
+    if Command::new("diffoscope").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+        eprintln!("(install diffoscope to see what differs inside each artifact)");
+        return;
+    }
+    for path in differing {
+        let expected = expected_dir.join(path);
+        if !expected.is_file() {
+            eprintln!("no diffoscope report for {path}: the expected copy {} is not there", expected.display());
+            continue;
+        }
+        let report = out.join("diffoscope").join(format!("{path}.txt"));
+        if let Some(parent) = report.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let status = Command::new("diffoscope").arg("--text").arg(&report).arg(&expected).arg(out.join(path)).stdin(Stdio::null()).status();
+        match status {
+            Ok(_) => eprintln!("diffoscope report for {path}: {}", report.display()),
+            Err(e) => eprintln!("diffoscope failed on {path}: {e}"),
+        }
+    }
+}
+
+/// `reprovm verify`: exit 0 when every artifact is identical, 1 otherwise.
+pub async fn verify(args: BuildArgs, expect: PathBuf) -> Result<u8, Error> {
+    let expected = Record::load(&expect)?;
+    let req = request(&args)?;
+    if let (Ok(e), Ok(o)) = (std::fs::canonicalize(&expect), std::fs::canonicalize(&req.out)) {
+        if e.starts_with(&o) {
+            return Err(Error::Usage(format!(
+                "--expect {} lies inside the output directory {}, which the build replaces: copy it elsewhere or choose another --out",
+                expect.display(),
+                req.out.display()
+            )));
+        }
+    }
+    let out = req.out.clone();
+    let result = run_build(req).await?;
+    let actual = Record {
+        file: out.join("result.json"),
+        hashes: result.outputs.iter().map(|a| (a.path.clone(), a.sha256.clone())).collect(),
+        result: Some(result.clone()),
+    };
+    let rows = compare_rows(&[&expected, &actual], true);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result).expect("a result serializes"));
+    } else {
+        println!("{}", render_rows(&rows, &["expected".into(), "rebuilt".into()]));
+    }
+    let identical = all_identical(&rows);
+    if identical {
+        eprintln!("all {} artifacts are identical to {}", rows.len(), expect.display());
+        return Ok(Exit::Ok.code());
+    }
+    let bad = rows.iter().filter(|r| r.status != Status::Identical).count();
+    eprintln!("{bad} of {} artifacts do not match {}", rows.len(), expect.display());
+    eprint!("{}", render_inputs(&differing_inputs(&[&expected, &actual]), &["expected".into(), "rebuilt".into()]));
+    diffoscope_reports(&rows, expect.parent().unwrap_or(Path::new(".")), &out);
+    Ok(Exit::Differ.code())
+}
+
+/// `reprovm compare`: exit 0 when all records agree, 1 otherwise.
+pub fn compare(files: Vec<PathBuf>) -> Result<u8, Error> {
+    let records = files.iter().map(|f| Record::load(f)).collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&Record> = records.iter().collect();
+    let headers: Vec<String> = (1..=records.len()).map(|i| format!("#{i}")).collect();
+    for (h, f) in headers.iter().zip(&files) {
+        println!("{h} = {}", f.display());
+    }
+    let rows = compare_rows(&refs, false);
+    println!("{}", render_rows(&rows, &headers));
+    let inputs = render_inputs(&differing_inputs(&refs), &headers);
+    if all_identical(&rows) {
+        eprintln!("all {} artifacts are identical in the {} records", rows.len(), records.len());
+        if !inputs.is_empty() {
+            eprint!("(the same bytes from different inputs)\n{inputs}");
+        }
+        return Ok(Exit::Ok.code());
+    }
+    print!("{inputs}");
+    if refs.iter().filter(|r| r.result.is_some()).count() < 2 {
+        eprintln!("(give result.json files to see which recorded inputs differ)");
+    }
+    Ok(Exit::Differ.code())
+}
