@@ -136,7 +136,7 @@ pub fn render_rows(rows: &[Row], headers: &[String]) -> String {
         }
         out.push('\n');
     }
-    out.trim_end_matches(' ').to_string()
+    out.lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
 }
 
 /// The "what differs in the inputs" section (empty when nothing differs).

@@ -1,0 +1,236 @@
+//! `reprovm build`, `verify` and `compare` against the real builder (VM
+//! tests, `#[ignore]`d like those in tests/vm.rs and run by scripts/test),
+//! plus the checks that need no VM.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{qemu_processes_mentioning, reprovm, reprovm_vm, test_image, text, TestEnv};
+
+fn assert_nothing_left(env: &TestEnv) {
+    let tmp = env.tmp.display().to_string();
+    assert!(qemu_processes_mentioning(&tmp).is_empty(), "QEMU still running: {:?}", qemu_processes_mentioning(&tmp));
+    assert!(env.leftovers().is_empty(), "left behind: {:?}", env.leftovers());
+}
+
+fn hello() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello")
+}
+
+/// A plain (non-git) source tree with `recipe` as its reprovm.toml.
+fn source_tree(env: &TestEnv, recipe: &str) -> PathBuf {
+    let src = env.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("reprovm.toml"), recipe).unwrap();
+    src
+}
+
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn build_hello_then_verify_and_compare() {
+    let env = TestEnv::new();
+    let out = env.path().join("out");
+    let (pin, _) = test_image();
+
+    // Build: exit 0, sha256sum -c passes, result.json has the pin and hashes.
+    let (stdout, err, code) = text(&reprovm_vm(&env.tmp).arg("build").arg(hello()).arg("--out").arg(&out).output().unwrap());
+    assert_eq!(code, 0, "{err}");
+    let sums = fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    assert_eq!(stdout, sums, "stdout carries SHA256SUMS");
+    let check = Command::new("sha256sum").args(["-c", "SHA256SUMS"]).current_dir(&out).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    let result: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
+    assert_eq!(result["inputs"]["image"], pin.as_str());
+    assert_eq!(result["inputs"]["source"]["kind"], "git");
+    for line in sums.lines() {
+        let (hash, path) = line.split_once("  ").unwrap();
+        assert!(result["outputs"].as_array().unwrap().iter().any(|o| o["path"] == path && o["sha256"] == hash), "{path} not in result.json");
+    }
+    let info = fs::read_to_string(out.join("buildinfo.txt")).unwrap();
+    for fact in ["hostname: builder", "user: builder", "cpus: 2", "umask: 0022", "build dir: /build/src"] {
+        assert!(info.contains(fact), "{fact} missing from {info}");
+    }
+    assert!(out.join("build.log").is_file() && out.join("serial.log").is_file());
+    assert_nothing_left(&env);
+
+    // Verify against a copy with one hash wrong: exit 1, the artifact named.
+    let expected = env.path().join("published");
+    fs::create_dir(&expected).unwrap();
+    let (first_hash, first_path) = sums.lines().next().unwrap().split_once("  ").unwrap();
+    fs::write(expected.join("SHA256SUMS"), sums.replacen(first_hash, &"0".repeat(64), 1)).unwrap();
+    let out2 = env.path().join("out2");
+    let verify = |expect: &Path| {
+        text(&reprovm_vm(&env.tmp).arg("verify").arg(hello()).arg("--out").arg(&out2).arg("--expect").arg(expect).output().unwrap())
+    };
+    let (table, err, code) = verify(&expected.join("SHA256SUMS"));
+    assert_eq!(code, 1, "{err}");
+    let row = table.lines().find(|l| l.starts_with(first_path)).unwrap_or_else(|| panic!("{first_path} not in {table}"));
+    assert!(row.contains("DIFFERS"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.contains("identical")).count(), sums.lines().count() - 1, "{table}");
+
+    // Against the true SHA256SUMS and the first result.json: exit 0.
+    let (_, err, code) = verify(&out.join("SHA256SUMS"));
+    assert_eq!(code, 0, "{err}");
+    let (_, err, code) = verify(&out.join("result.json"));
+    assert_eq!(code, 0, "{err}");
+
+    // Compare the two builders' results: identical.
+    let (table, err, code) = text(&reprovm(&env).arg("compare").arg(out.join("result.json")).arg(out2.join("result.json")).output().unwrap());
+    assert_eq!(code, 0, "{table}{err}");
+    assert_nothing_left(&env);
+}
+
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn the_build_sees_only_the_fixed_environment() {
+    let env = TestEnv::new();
+    let src = source_tree(
+        &env,
+        r#"[machine]
+cpus = 1
+memory_mib = 512
+[build]
+command = """
+set -e
+env | sort > env.txt
+umask > umask.txt
+id > id.txt
+pwd > pwd.txt
+if bash -c 'exec 3<>/dev/tcp/10.0.2.2/22' 2>/dev/null; then echo reachable; else echo unreachable; fi > net.txt
+mkdir -p deep/er && echo x > deep/er/f.txt
+"""
+env = { EXTRA = "from the recipe" }
+artifacts = ["*.txt", "deep"]
+"#,
+    );
+    let out = env.path().join("out");
+    let (_, err, code) = text(
+        &reprovm_vm(&env.tmp)
+            .arg("build")
+            .arg(&src)
+            .arg("--out")
+            .arg(&out)
+            .env("TZ", "Pacific/Kiritimati")
+            .env("LANG", "tr_TR.UTF-8")
+            .env("MAKEFLAGS", "-j7")
+            .env("CFLAGS", "-march=native")
+            .current_dir("/")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let read = |name: &str| fs::read_to_string(out.join(name)).unwrap();
+    let names: Vec<String> = read("env.txt").lines().map(|l| l.split('=').next().unwrap().to_string()).collect();
+    assert_eq!(
+        names,
+        ["EXTRA", "HOME", "LANG", "LOGNAME", "OLDPWD", "PATH", "PWD", "SHELL", "SOURCE_DATE_EPOCH", "TMPDIR", "TZ", "USER"]
+            .into_iter()
+            .filter(|n| *n != "OLDPWD")
+            .collect::<Vec<_>>(),
+        "{}",
+        read("env.txt")
+    );
+    let env_txt = read("env.txt");
+    assert!(env_txt.contains("TZ=UTC\n") && env_txt.contains("LANG=C.UTF-8\n") && env_txt.contains("SOURCE_DATE_EPOCH="), "{env_txt}");
+    assert_eq!(read("umask.txt").trim(), "0022");
+    assert!(read("id.txt").starts_with("uid=1000(builder) gid=1000(builder)"), "{}", read("id.txt"));
+    assert_eq!(read("pwd.txt").trim(), "/build/src");
+    assert_eq!(read("net.txt").trim(), "unreachable", "network = none must not reach the host");
+    assert_eq!(read("deep/er/f.txt"), "x\n", "a directory glob brings its files back");
+    let result: serde_json::Value = serde_json::from_str(&read("result.json")).unwrap();
+    assert_eq!(result["inputs"]["source"]["kind"], "tree");
+    assert_eq!(result["inputs"]["source_date_epoch_from"], "clock");
+    assert_nothing_left(&env);
+}
+
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn unsafe_artifacts_and_unmatched_globs_fail_the_build_and_touch_nothing() {
+    let env = TestEnv::new();
+    let src = source_tree(
+        &env,
+        r#"[machine]
+cpus = 1
+memory_mib = 512
+[build]
+command = "ln -s /etc etc-link && ln -s /etc/passwd passwd && mkfifo fifo && echo ok > real.txt"
+artifacts = ["passwd", "etc-link/hostname", "fifo", "real.txt", "missing-*.tar"]
+"#,
+    );
+    let out = env.path().join("out");
+    let (stdout, err, code) = text(&reprovm_vm(&env.tmp).arg("build").arg(&src).arg("--out").arg(&out).output().unwrap());
+    assert_eq!(code, 5, "{err}");
+    assert!(stdout.is_empty(), "{stdout}");
+    for needle in ["\"passwd\" refused: a symbolic link", "\"etc-link/hostname\" refused: resolves outside", "\"fifo\" refused: not a regular file", "\"missing-*.tar\" (build.artifacts) matched nothing"] {
+        assert!(err.contains(needle), "{needle} not in {err}");
+    }
+    assert!(!out.join("SHA256SUMS").exists() && !out.join("result.json").exists() && !out.join("passwd").exists());
+    assert!(out.join("build.log").is_file(), "the log stays for diagnosis");
+    assert_nothing_left(&env);
+
+    // A failing command: exit 5 with the log's tail.
+    fs::write(src.join("reprovm.toml"), "[build]\ncommand = \"echo the compiler broke >&2; exit 3\"\nartifacts = [\"x\"]\n").unwrap();
+    let (_, err, code) = text(&reprovm_vm(&env.tmp).arg("build").arg(&src).arg("--out").arg(&out).output().unwrap());
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("failed with status 3") && err.contains("--- build.log (last lines) ---\nthe compiler broke"), "{err}");
+    assert_nothing_left(&env);
+}
+
+#[test]
+fn bad_recipes_and_flags_exit_2_naming_the_file_and_field() {
+    let env = TestEnv::new();
+    let src = source_tree(&env, "[build]\ncommand = \"make\"\nartifacts = [\"../../etc/shadow\"]\n");
+    let (_, err, code) = text(&reprovm(&env).arg("build").arg(&src).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("reprovm.toml") && err.contains("build.artifacts") && err.contains("../../etc/shadow"), "{err}");
+
+    fs::write(src.join("reprovm.toml"), "[build]\ncommand = \"make\"\nartifacts = [\"a\"]\n[machine]\ncpus = 2\nram = 4\n").unwrap();
+    let (_, err, code) = text(&reprovm(&env).arg("build").arg(&src).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("reprovm.toml") && err.contains("ram"), "{err}");
+
+    let (_, err, code) = text(&reprovm(&env).arg("build").arg(env.path().join("nowhere")).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("nowhere/reprovm.toml"), "{err}");
+
+    // An output directory that holds something else is never replaced.
+    fs::write(src.join("reprovm.toml"), "[build]\ncommand = \"make\"\nartifacts = [\"a\"]\n").unwrap();
+    let foreign = env.path().join("home");
+    fs::create_dir(&foreign).unwrap();
+    fs::write(foreign.join("notes.txt"), "keep me").unwrap();
+    let pin = format!("sha256:{}", "0".repeat(64));
+    let (_, err, code) = text(&reprovm(&env).arg("build").arg(&src).arg("--image").arg(&pin).arg("--out").arg(&foreign).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("refusing to replace"), "{err}");
+    assert_eq!(fs::read_to_string(foreign.join("notes.txt")).unwrap(), "keep me");
+
+    // A bad --expect file is refused before anything boots.
+    fs::write(env.path().join("SUMS"), "not a checksum line\n").unwrap();
+    let (_, err, code) = text(&reprovm(&env).arg("verify").arg(&src).arg("--expect").arg(env.path().join("SUMS")).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("SUMS:1"), "{err}");
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
+#[test]
+fn compare_reads_sha256sums_and_exits_1_on_a_difference() {
+    let env = TestEnv::new();
+    let (a, b) = ("a".repeat(64), "b".repeat(64));
+    let write = |name: &str, text: String| {
+        let p = env.path().join(name);
+        fs::write(&p, text).unwrap();
+        p
+    };
+    let one = write("one", format!("{a}  hello\n{b}  hello.1\n"));
+    let two = write("two", format!("{a}  hello\n{b}  hello.1\n"));
+    let three = write("three", format!("{b}  hello\n"));
+    let (out, err, code) = text(&reprovm(&env).arg("compare").arg(&one).arg(&two).output().unwrap());
+    assert_eq!(code, 0, "{out}{err}");
+    let (out, err, code) = text(&reprovm(&env).arg("compare").arg(&one).arg(&two).arg(&three).output().unwrap());
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.lines().any(|l| l.starts_with("hello ") && l.contains("DIFFERS")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("hello.1") && l.contains("MISSING")), "{out}");
+}
