@@ -199,9 +199,8 @@ struct GuestOutcome {
     build: Duration,
 }
 
-/// Mount, provision, build, collect: everything done over SSH, on a
-/// blocking thread.
-fn guest_steps(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path: &Path) -> Result<GuestOutcome, BuildError> {
+/// Mount, provision, build: over SSH, on a blocking thread.
+fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path: &Path) -> Result<GuestOutcome, BuildError> {
     let ssh = |source: GuestError| BuildError::Vm(VmError::Ssh { serial_tail: String::new(), source });
     let start = Instant::now();
     let (status, out, err) = session.exec_capture(&format!("sh -c {}", quote(PREPARE_SCRIPT))).map_err(ssh)?;
@@ -233,7 +232,12 @@ fn guest_steps(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path:
     if status != 0 {
         return Err(BuildError::Command { status, log_tail: log_tail() });
     }
-    let build = start.elapsed();
+    Ok(GuestOutcome { prepare, build: start.elapsed() })
+}
+
+/// Collects the artifacts onto the output disk (over SSH, blocking).
+fn guest_collect(session: &GuestSession) -> Result<(), BuildError> {
+    let ssh = |source: GuestError| BuildError::Vm(VmError::Ssh { serial_tail: String::new(), source });
     let (status, out, err) = session.exec_capture(&format!("bash -c {}", quote(COLLECT_SCRIPT))).map_err(ssh)?;
     let problems: Vec<String> = out
         .lines()
@@ -252,7 +256,7 @@ fn guest_steps(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path:
     if status != 0 {
         return Err(BuildError::Collect { status, output: format!("{out}{err}").trim().to_string() });
     }
-    Ok(GuestOutcome { prepare, build })
+    Ok(())
 }
 
 /// Adds the serial console's tail to SSH and guest-side errors.
@@ -262,6 +266,27 @@ fn with_serial_tail(e: BuildError, serial_log: &Path) -> BuildError {
         BuildError::Prepare { status, output, .. } => BuildError::Prepare { status, output, serial_tail: tail_of(serial_log, 30) },
         other => other,
     }
+}
+
+/// Runs `step` with the machine's SSH session on a blocking thread. On
+/// failure the serial console is kept in `serial_copy` and its tail added
+/// to the error.
+async fn in_guest<T: Send + 'static>(
+    machine: &mut Machine,
+    serial_copy: &Path,
+    step: impl FnOnce(&GuestSession) -> Result<T, BuildError> + Send + 'static,
+) -> Result<T, BuildError> {
+    let session = machine.take_session().expect("a booted machine has a session");
+    let (session, outcome) = blocking(move || {
+        let outcome = step(&session);
+        (session, outcome)
+    })
+    .await;
+    machine.put_session(session);
+    outcome.map_err(|e| {
+        let _ = fs::copy(machine.serial_log(), serial_copy);
+        with_serial_tail(e, machine.serial_log())
+    })
 }
 
 /// Runs the build. On failure after the build began, the output directory
@@ -338,32 +363,17 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
 
     progress.begin("building", true);
     tracing::info!("building: {}", req.recipe.build.command);
-    let session = machine.take_session().expect("a booted machine has a session");
     let log_path = output.path().join("build.log");
-    let outcome = {
-        let (req, log_path, epoch) = (req.clone(), log_path.clone(), prepared.epoch);
-        blocking(move || {
-            let outcome = guest_steps(&session, &req, epoch, &log_path);
-            (session, outcome)
-        })
-        .await
-    };
-    machine.put_session(outcome.0);
     let serial_copy = output.path().join("serial.log");
-    let outcome = match outcome.1 {
-        Ok(o) => o,
-        Err(e) => {
-            let e = with_serial_tail(e, machine.serial_log());
-            let _ = fs::copy(machine.serial_log(), &serial_copy);
-            return Err(e);
-        }
-    };
+    let (req_copy, epoch) = (req.clone(), prepared.epoch);
+    let outcome = in_guest(&mut machine, &serial_copy, move |session| guest_build(session, &req_copy, epoch, &log_path)).await?;
     timings.prepare = outcome.prepare.as_secs_f64();
     timings.build = outcome.build.as_secs_f64();
     progress.end("build finished", outcome.build);
 
     progress.begin("fetching the artifacts", false);
     let start = Instant::now();
+    in_guest(&mut machine, &serial_copy, guest_collect).await?;
     let _ = fs::copy(machine.serial_log(), &serial_copy);
     let launched = machine.launched.clone();
     let facts = machine.facts.clone();
