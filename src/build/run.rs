@@ -96,12 +96,12 @@ struct Prepared {
 
 /// Archives the source onto a fresh scratch disk and makes the (sparse)
 /// output disk.
-fn prepare_disks(req: &BuildRequest, image_clock: i64) -> Result<Prepared, BuildError> {
+fn prepare_disks(req: &BuildRequest, machine_clock: i64) -> Result<Prepared, BuildError> {
     let tree = SourceTree::scan(&req.source, Some(&req.out))?;
     let (epoch, epoch_from) = match (req.recipe.build.source_date_epoch, tree.last_commit_time) {
         (Some(e), _) => (e, "recipe"),
         (None, Some(e)) => (e, "git"),
-        (None, None) => (image_clock, "clock"),
+        (None, None) => (machine_clock, "clock"),
     };
     let source = tree.record(epoch)?;
     let scratch_mib = req.recipe.machine.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB);
@@ -320,10 +320,11 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
 
     progress.begin("archiving the source", false);
     let start = Instant::now();
-    let image_clock = req.recipe.machine.clock.unwrap_or(image.layout.metadata.source_date_epoch);
+    let image_date = image.layout.metadata.source_date_epoch;
+    let pinned_clock = req.recipe.machine.clock.unwrap_or(image_date);
     let prepared = {
         let req = req.clone();
-        blocking(move || prepare_disks(&req, image_clock)).await?
+        blocking(move || prepare_disks(&req, pinned_clock)).await?
     };
     timings.source = start.elapsed().as_secs_f64();
     progress.end(
@@ -338,6 +339,13 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
         start.elapsed(),
     );
 
+    // The guest clock starts at SOURCE_DATE_EPOCH when that is later than
+    // the image's date: sources from the future make make(1) and configure
+    // scripts misbehave. It is derived from the inputs alone, as before.
+    let clock = req.recipe.machine.clock.unwrap_or(image_date.max(prepared.epoch));
+    if clock < prepared.epoch {
+        tracing::warn!("machine.clock ({clock}) is earlier than SOURCE_DATE_EPOCH ({}): the source files will lie in the guest's future", prepared.epoch);
+    }
     progress.begin("booting the builder", false);
     let machine_section = &req.recipe.machine;
     let opts = BootOptions {
@@ -345,7 +353,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
             cpu_model: machine_section.cpu_model.clone().unwrap_or_else(|| crate::vm::args::DEFAULT_CPU_MODEL.to_string()),
             cpus: machine_section.cpus.unwrap_or(DEFAULT_CPUS),
             memory_mib: machine_section.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
-            clock: image_clock,
+            clock,
         },
         accel: machine_section.accel.unwrap_or(AccelChoice::Auto),
         qemu: req.qemu.clone(),
