@@ -56,20 +56,32 @@ fn build_hello_then_verify_and_compare() {
     assert!(out.join("build.log").is_file() && out.join("serial.log").is_file());
     assert_nothing_left(&env);
 
-    // Verify against a copy with one hash wrong: exit 1, the artifact named.
-    let expected = env.path().join("published");
-    fs::create_dir(&expected).unwrap();
-    let (first_hash, first_path) = sums.lines().next().unwrap().split_once("  ").unwrap();
-    fs::write(expected.join("SHA256SUMS"), sums.replacen(first_hash, &"0".repeat(64), 1)).unwrap();
+    // Verify against a "published" set where hello was built differently:
+    // exit 1, the artifact named, and a diffoscope report when it is installed.
+    let published = env.path().join("published");
+    fs::create_dir(&published).unwrap();
+    let mut tampered = fs::read(out.join("hello")).unwrap();
+    tampered.extend_from_slice(b"built elsewhere");
+    fs::write(published.join("hello"), &tampered).unwrap();
+    fs::copy(out.join("buildinfo.txt"), published.join("buildinfo.txt")).unwrap();
+    let sums_of_published = Command::new("sha256sum").args(["buildinfo.txt", "hello"]).current_dir(&published).output().unwrap();
+    fs::write(published.join("SHA256SUMS"), &sums_of_published.stdout).unwrap();
     let out2 = env.path().join("out2");
     let verify = |expect: &Path| {
         text(&reprovm_vm(&env.tmp).arg("verify").arg(hello()).arg("--out").arg(&out2).arg("--expect").arg(expect).output().unwrap())
     };
-    let (table, err, code) = verify(&expected.join("SHA256SUMS"));
+    let (table, err, code) = verify(&published.join("SHA256SUMS"));
     assert_eq!(code, 1, "{err}");
-    let row = table.lines().find(|l| l.starts_with(first_path)).unwrap_or_else(|| panic!("{first_path} not in {table}"));
+    let row = table.lines().find(|l| l.starts_with("hello ")).unwrap_or_else(|| panic!("hello not in {table}"));
     assert!(row.contains("DIFFERS"), "{table}");
-    assert_eq!(table.lines().filter(|l| l.contains("identical")).count(), sums.lines().count() - 1, "{table}");
+    assert!(table.lines().any(|l| l.starts_with("buildinfo.txt") && l.contains("identical")), "{table}");
+    assert!(err.contains("1 of 2 artifacts do not match"), "{err}");
+    if Command::new("diffoscope").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        let report = fs::read_to_string(out2.join("diffoscope/hello.txt")).unwrap_or_else(|e| panic!("no diffoscope report ({e}): {err}"));
+        assert!(report.contains("hello"), "{report}");
+    } else {
+        assert!(err.contains("install diffoscope"), "{err}");
+    }
 
     // Against the true SHA256SUMS and the first result.json: exit 0.
     let (_, err, code) = verify(&out.join("SHA256SUMS"));
