@@ -95,15 +95,22 @@ pub enum SourceError {
     },
 }
 
-fn run_git(root: &Path, args: &[&str]) -> Result<Option<Vec<u8>>, SourceError> {
-    let out = Command::new("git")
-        .arg("-C")
+/// `git -C root` that runs no program the repository's configuration names
+/// (a hostile checkout's core.fsmonitor would otherwise run on the host) and
+/// reads checkouts owned by another user.
+fn git(root: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.arg("-C")
         .arg(root)
-        .args(args)
+        .args(["-c", "core.fsmonitor=false", "-c", "safe.directory=*"])
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .output();
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn run_git(root: &Path, args: &[&str]) -> Result<Option<Vec<u8>>, SourceError> {
+    let out = git(root).args(args).output();
     match out {
         Ok(out) if out.status.success() => Ok(Some(out.stdout)),
         Ok(out) => Err(SourceError::Git { root: root.to_path_buf(), message: String::from_utf8_lossy(&out.stderr).trim().to_string() }),
@@ -114,11 +121,8 @@ fn run_git(root: &Path, args: &[&str]) -> Result<Option<Vec<u8>>, SourceError> {
 
 /// Whether `root` lies inside a git work tree (false when git is missing).
 fn is_git_checkout(root: &Path) -> bool {
-    Command::new("git")
-        .arg("-C")
-        .arg(root)
+    git(root)
         .args(["rev-parse", "--is-inside-work-tree"])
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

@@ -27,7 +27,15 @@ pub struct GuestFacts {
     pub memory_kib: u64,
     /// `hostname`.
     pub hostname: String,
-    /// The guest clock (seconds since 1970) at first contact.
+}
+
+/// The facts plus the guest clock at first contact (which advances with the
+/// boot time, so it is checked rather than recorded as a fact).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FirstContact {
+    /// The guest's view of the machine.
+    pub facts: GuestFacts,
+    /// The guest clock, seconds since 1970.
     pub clock: i64,
 }
 
@@ -59,29 +67,31 @@ pub enum FactsError {
 
 impl GuestFacts {
     /// Parses [`FACTS_COMMAND`] output.
-    fn parse(status: i32, output: &str) -> Result<GuestFacts, FactsError> {
+    fn parse(status: i32, output: &str) -> Result<FirstContact, FactsError> {
         let bad = || FactsError::Parse { status, output: output.to_string() };
         let lines: Vec<&str> = output.lines().collect();
         if status != 0 || lines.len() != 7 {
             return Err(bad());
         }
-        Ok(GuestFacts {
+        let facts = GuestFacts {
             uname: lines[0].to_string(),
             nproc: lines[1].trim().parse().map_err(|_| bad())?,
             cpu_model: lines[2].to_string(),
             cpu_flags: lines[3].to_string(),
             memory_kib: lines[4].trim().parse().map_err(|_| bad())?,
             hostname: lines[5].to_string(),
-            clock: lines[6].trim().parse().map_err(|_| bad())?,
-        })
+        };
+        Ok(FirstContact { facts, clock: lines[6].trim().parse().map_err(|_| bad())? })
     }
 
-    /// Collects the facts over `session`.
-    pub fn collect(session: &GuestSession) -> Result<GuestFacts, FactsError> {
+    /// Collects the facts and the clock over `session`.
+    pub fn collect(session: &GuestSession) -> Result<FirstContact, FactsError> {
         let (status, out, _) = session.exec_capture(FACTS_COMMAND)?;
         Self::parse(status, &out)
     }
+}
 
+impl FirstContact {
     /// Fails unless the guest clock lies between the pinned clock and the
     /// pinned clock plus the time the VM has run (with `slack` seconds).
     pub fn check_clock(&self, pinned: i64, elapsed: i64, slack: i64) -> Result<(), FactsError> {
@@ -100,8 +110,9 @@ mod tests {
 
     #[test]
     fn parses_the_facts() {
-        let f = GuestFacts::parse(0, OUT).unwrap();
-        assert_eq!((f.nproc, f.memory_kib, f.hostname.as_str(), f.clock), (2, 2013516, "builder", 1732492807));
+        let c = GuestFacts::parse(0, OUT).unwrap();
+        let f = &c.facts;
+        assert_eq!((f.nproc, f.memory_kib, f.hostname.as_str(), c.clock), (2, 2013516, "builder", 1732492807));
     }
 
     #[test]

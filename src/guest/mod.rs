@@ -5,6 +5,6 @@ pub mod facts;
 pub mod keys;
 pub mod session;
 
-pub use facts::{FactsError, GuestFacts};
+pub use facts::{FactsError, FirstContact, GuestFacts};
 pub use keys::RunKeys;
 pub use session::{GuestError, GuestSession};

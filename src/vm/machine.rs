@@ -182,6 +182,8 @@ pub struct Machine {
     pub launched: LaunchedMachine,
     /// What the guest said about itself at first contact.
     pub facts: GuestFacts,
+    /// The guest clock at first contact (seconds since 1970).
+    pub guest_clock: i64,
     /// How long the boot took, up to the authenticated session.
     pub boot_time: Duration,
     // Declared last: removed after QEMU is gone.
@@ -308,6 +310,7 @@ impl Machine {
             .await
             .expect("facts thread panicked")?;
         facts.check_clock(opts.spec.clock, started.elapsed().as_secs() as i64, 30)?;
+        let (facts, guest_clock) = (facts.facts, facts.clock);
         let version = qmp.version().await?;
         let launched = LaunchedMachine {
             qemu_binary: opts.qemu.clone(),
@@ -319,7 +322,7 @@ impl Machine {
         };
         tracing::info!("builder ready in {:.1}s under {} (SSH on 127.0.0.1:{})", boot_time.as_secs_f64(), launched.accelerator.as_str(), files.plan.ssh_port);
         let ssh_port = files.plan.ssh_port;
-        Ok(Machine { qemu, qmp, session: Some(session), ssh_port, serial_log, launched, facts, boot_time, run_dir })
+        Ok(Machine { qemu, qmp, session: Some(session), ssh_port, serial_log, launched, facts, guest_clock, boot_time, run_dir })
     }
 
     /// The per-run directory (overlay, sockets, logs).
