@@ -45,6 +45,8 @@ struct Variation {
     tmp: PathBuf,
     /// XDG_CACHE_HOME holding the image.
     cache: PathBuf,
+    /// The output directory.
+    out: PathBuf,
     extra_args: Vec<String>,
 }
 
@@ -58,7 +60,8 @@ struct Outcome {
     source: serde_json::Value,
 }
 
-fn build(v: &Variation, out: &Path) -> Outcome {
+fn build(v: &Variation) -> Outcome {
+    let out = &v.out;
     let program = env!("CARGO_BIN_EXE_reprovm");
     let mut cmd = match v.wrapper.split_first() {
         None => Command::new(program),
@@ -108,10 +111,10 @@ fn build(v: &Variation, out: &Path) -> Outcome {
 }
 
 /// Builds every variation and asserts identical outcomes; returns how many ran.
-fn assert_all_identical(what: &str, variations: &[Variation], outs: &Path, skipped: &[String]) {
+fn assert_all_identical(what: &str, variations: &[Variation], skipped: &[String]) {
     let mut first: Option<(String, Outcome)> = None;
-    for (i, v) in variations.iter().enumerate() {
-        let outcome = build(v, &outs.join(format!("{what}-{i}")));
+    for v in variations {
+        let outcome = build(v);
         eprintln!("  {what}: {:<60} {}", v.name, outcome.sums.lines().map(|l| &l[..12]).collect::<Vec<_>>().join(" "));
         match &first {
             None => first = Some((v.name.clone(), outcome)),
@@ -175,6 +178,7 @@ fn variations(env: &TestEnv, src_in: &dyn Fn(&Path) -> PathBuf, skipped: &mut Ve
         src: src_in(&base.join("plain")),
         tmp: plain_tmp,
         cache: cache.clone(),
+        out: base.join("out-plain"),
         extra_args: vec![],
     };
     let bar_tmp = deep(&base.join("tmp bar"));
@@ -191,6 +195,7 @@ fn variations(env: &TestEnv, src_in: &dyn Fn(&Path) -> PathBuf, skipped: &mut Ve
         src: src_in(&deep(&base.join("bar"))),
         tmp: bar_tmp,
         cache: cache.clone(),
+        out: deep(&base.join("out bar")),
         extra_args: vec!["--accel".into(), "auto".into()],
     };
     let mut all = vec![plain, bar];
@@ -209,6 +214,7 @@ fn variations(env: &TestEnv, src_in: &dyn Fn(&Path) -> PathBuf, skipped: &mut Ve
         src: src_in(&base.join("tmpdir")),
         tmp: tmp_spaces,
         cache: cache.clone(),
+        out: base.join("out-tmpdir"),
         extra_args: vec![],
     });
     let cpu1_tmp = base.join("tmp-cpu1");
@@ -223,6 +229,7 @@ fn variations(env: &TestEnv, src_in: &dyn Fn(&Path) -> PathBuf, skipped: &mut Ve
         src: src_in(&base.join("cpu1")),
         tmp: cpu1_tmp,
         cache: cache.clone(),
+        out: base.join("out-cpu1"),
         extra_args: vec!["--accel".into(), "tcg".into()],
     });
     match second_qemu() {
@@ -239,6 +246,7 @@ fn variations(env: &TestEnv, src_in: &dyn Fn(&Path) -> PathBuf, skipped: &mut Ve
                 src: src_in(&base.join("qemu2")),
                 tmp,
                 cache: cache.clone(),
+                out: base.join("out-qemu2"),
                 extra_args: vec!["--qemu".into(), qemu.display().to_string()],
             });
         }
@@ -275,6 +283,7 @@ fn variations(env: &TestEnv, src_in: &dyn Fn(&Path) -> PathBuf, skipped: &mut Ve
             src,
             tmp: home.join("tmp"),
             cache: home.join("cache"),
+            out: home.join("out"),
             extra_args: vec![],
         });
     } else {
@@ -293,6 +302,7 @@ fn variations(env: &TestEnv, src_in: &dyn Fn(&Path) -> PathBuf, skipped: &mut Ve
             src: src_in(&base.join("kvm")),
             tmp,
             cache,
+            out: base.join("out-kvm"),
             extra_args: vec!["--accel".into(), "kvm".into()],
         });
     } else {
@@ -317,7 +327,7 @@ fn examples_hello_is_identical_whatever_the_host() {
         dir.join("repo/examples/hello")
     };
     let variations = variations(&env, &src_in, &mut skipped, true);
-    assert_all_identical("examples/hello", &variations, &env.path().join("outs"), &skipped);
+    assert_all_identical("examples/hello", &variations, &skipped);
 }
 
 /// GNU hello's source (the pinned Debian orig tarball) in `dir`.
@@ -334,7 +344,7 @@ fn gnu_hello_is_identical_whatever_the_host() {
     let env = TestEnv::new();
     let mut skipped = Vec::new();
     let variations = variations(&env, &|dir: &Path| fetch_gnu_hello(&dir.join("gnu-hello")), &mut skipped, false);
-    assert_all_identical("examples/gnu-hello", &variations, &env.path().join("outs"), &skipped);
+    assert_all_identical("examples/gnu-hello", &variations, &skipped);
 }
 
 /// Runs `command` with `sh -c` directly on the host in `dir`.
