@@ -41,7 +41,7 @@ pub const CPU_FEATURES: &str = "enforce,vme=off,x2apic=off,pmu=off,kvm=off,hyper
 /// into an immediate reset (which `-no-reboot` makes QEMU exit on, after
 /// pvpanic has reported GUEST_PANICKED).
 pub const KERNEL_CMDLINE: &str =
-    "console=ttyS0 quiet loglevel=4 panic=-1 edd=off reprovm.root=/dev/vda random.trust_cpu=on tsc=reliable";
+    "console=ttyS0 quiet loglevel=4 panic=-1 edd=off reprovm.root=/dev/vda random.trust_cpu=on tsc=reliable mitigations=off cryptomgr.notests";
 
 /// The accelerator QEMU runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
