@@ -44,6 +44,9 @@ pub enum ArtifactError {
     /// Writing into the output directory failed.
     #[error(transparent)]
     Write(#[from] PathError),
+    /// SIGINT or SIGTERM arrived.
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
 }
 
 /// Checks an artifact path from the guest: relative, plain components only,
@@ -90,6 +93,8 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<Vec<Artifact>, ArtifactErr
     let mut seen = BTreeSet::new();
     let mut artifacts = Vec::new();
     for entry in tar.entries().map_err(ArtifactError::Archive)? {
+        // Stop at once on SIGINT/SIGTERM: the staging directory is going away.
+        crate::interrupt::check()?;
         let mut entry = entry.map_err(ArtifactError::Archive)?;
         let raw = entry.path_bytes().into_owned();
         let rel = checked_path(&raw)?;

@@ -130,7 +130,9 @@ impl BuildError {
         match self {
             BuildError::Output(_) | BuildError::Io(_) | BuildError::Source(_) | BuildError::ScratchTooSmall { .. } => Exit::Usage,
             BuildError::Store(e) => e.exit(),
-            BuildError::Tool(ToolError::Interrupted(_)) | BuildError::Interrupted(_) => Exit::Interrupted,
+            BuildError::Tool(ToolError::Interrupted(_)) | BuildError::Interrupted(_) | BuildError::Extract(ArtifactError::Interrupted(_)) => {
+                Exit::Interrupted
+            }
             BuildError::Tool(ToolError::Missing { .. } | ToolError::TooOld { .. }) => Exit::Usage,
             BuildError::Tool(_) | BuildError::Vm(_) | BuildError::Prepare { .. } | BuildError::Collect { .. } => Exit::Vm,
             BuildError::Provision { .. }

@@ -32,6 +32,8 @@ const COLLECT_SCRIPT: &str = include_str!("../../provision/collect-artifacts");
 /// Serial numbers the guest scripts find the disks by.
 const SCRATCH_SERIAL: &str = "reprovm-scratch";
 const OUTPUT_SERIAL: &str = "reprovm-output";
+/// Limit for the short guest-side steps (mounting the scratch disk).
+const GUEST_STEP_LIMIT: Duration = Duration::from_secs(60);
 /// The build directory in the guest.
 const BUILD_DIR: &str = "/build/src";
 /// PATH of the build.
@@ -203,7 +205,11 @@ struct GuestOutcome {
 fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path: &Path) -> Result<GuestOutcome, BuildError> {
     let ssh = |source: GuestError| BuildError::Vm(VmError::Ssh { serial_tail: String::new(), source });
     let start = Instant::now();
-    let (status, out, err) = session.exec_capture(&format!("sh -c {}", quote(PREPARE_SCRIPT))).map_err(ssh)?;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = session
+        .exec_until(&format!("sh -c {}", quote(PREPARE_SCRIPT)), Some((Deadline::after(GUEST_STEP_LIMIT), "the scratch disk to mount")), &mut out, &mut err)
+        .map_err(ssh)?;
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
     if status != 0 {
         return Err(BuildError::Prepare { status, output: format!("{out}{err}").trim().to_string(), serial_tail: String::new() });
     }
@@ -235,10 +241,15 @@ fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path:
     Ok(GuestOutcome { prepare, build: start.elapsed() })
 }
 
-/// Collects the artifacts onto the output disk (over SSH, blocking).
-fn guest_collect(session: &GuestSession) -> Result<(), BuildError> {
+/// Collects the artifacts onto the output disk (over SSH, blocking), within
+/// the build's own time limit.
+fn guest_collect(session: &GuestSession, limit: Duration) -> Result<(), BuildError> {
     let ssh = |source: GuestError| BuildError::Vm(VmError::Ssh { serial_tail: String::new(), source });
-    let (status, out, err) = session.exec_capture(&format!("bash -c {}", quote(COLLECT_SCRIPT))).map_err(ssh)?;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = session
+        .exec_until(&format!("bash -c {}", quote(COLLECT_SCRIPT)), Some((Deadline::after(limit), "the artifacts to be collected")), &mut out, &mut err)
+        .map_err(ssh)?;
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
     let problems: Vec<String> = out
         .lines()
         .filter_map(|l| {
@@ -285,6 +296,12 @@ async fn in_guest<T: Send + 'static>(
     machine.put_session(session);
     outcome.map_err(|e| {
         let _ = fs::copy(machine.serial_log(), serial_copy);
+        // A dropped connection is usually the VM's doing: say what happened.
+        if let BuildError::Vm(VmError::Ssh { .. }) = e {
+            if let Err(vm) = machine.health() {
+                return BuildError::Vm(vm);
+            }
+        }
         with_serial_tail(e, machine.serial_log())
     })
 }
@@ -381,7 +398,8 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
 
     progress.begin("fetching the artifacts", false);
     let start = Instant::now();
-    in_guest(&mut machine, &serial_copy, guest_collect).await?;
+    let collect_limit = Duration::from_secs(req.recipe.build.timeout_secs);
+    in_guest(&mut machine, &serial_copy, move |session| guest_collect(session, collect_limit)).await?;
     let _ = fs::copy(machine.serial_log(), &serial_copy);
     let launched = machine.launched.clone();
     let facts = machine.facts.clone();

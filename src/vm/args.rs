@@ -165,13 +165,15 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
     ]);
     push(&["-blockdev", &format!("driver=file,node-name=overlay-file,filename={}", p(&plan.overlay))]);
     push(&["-blockdev", "driver=qcow2,node-name=root,file=overlay-file,backing=base"]);
-    push(&["-device", "virtio-blk-pci,drive=root"]);
+    // A full host disk is an I/O error in the guest (the build fails and
+    // says so), never a VM paused forever (QEMU's default for ENOSPC).
+    push(&["-device", "virtio-blk-pci,drive=root,werror=report,rerror=report"]);
     // Scratch and output disks: written once and thrown away, so the
     // guest's flushes need not reach the host's disk.
     for (i, disk) in plan.disks.iter().enumerate() {
         push(&["-blockdev", &format!("driver=file,node-name=disk{i}-file,filename={},cache.no-flush=on", p(&disk.path))]);
         push(&["-blockdev", &format!("driver=raw,node-name=disk{i},file=disk{i}-file")]);
-        push(&["-device", &format!("virtio-blk-pci,drive=disk{i},serial={}", disk.serial)]);
+        push(&["-device", &format!("virtio-blk-pci,drive=disk{i},serial={},werror=report,rerror=report", disk.serial)]);
     }
     let restrict = match plan.network {
         Network::None => "on",
@@ -233,7 +235,7 @@ mod tests {
             "-blockdev driver=raw,node-name=base,file=bundle,offset=71680,size=1048576,read-only=on",
             "-blockdev driver=file,node-name=overlay-file,filename=/tmp/reprovm-run-X/overlay.qcow2",
             "-blockdev driver=qcow2,node-name=root,file=overlay-file,backing=base",
-            "-device virtio-blk-pci,drive=root",
+            "-device virtio-blk-pci,drive=root,werror=report,rerror=report",
             "-netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22",
             "-device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56",
             "-device pvpanic",
@@ -261,7 +263,7 @@ mod tests {
         let args: Vec<String> = qemu_args(&plan).into_iter().map(|a| a.into_string().unwrap()).collect();
         let line = args.join(" ");
         let root = line.find("virtio-blk-pci,drive=root").unwrap();
-        let scratch = line.find("-blockdev driver=file,node-name=disk0-file,filename=/tmp/b/scratch.img,cache.no-flush=on -blockdev driver=raw,node-name=disk0,file=disk0-file -device virtio-blk-pci,drive=disk0,serial=reprovm-scratch").unwrap();
+        let scratch = line.find("-blockdev driver=file,node-name=disk0-file,filename=/tmp/b/scratch.img,cache.no-flush=on -blockdev driver=raw,node-name=disk0,file=disk0-file -device virtio-blk-pci,drive=disk0,serial=reprovm-scratch,werror=report,rerror=report").unwrap();
         assert!(root < scratch);
         assert!(line.contains("user,id=net0,restrict=off,hostfwd=tcp:127.0.0.1:40022-:22"));
     }
