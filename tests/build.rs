@@ -8,13 +8,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{qemu_processes_mentioning, reprovm, reprovm_vm, test_image, text, TestEnv};
+use common::{assert_nothing_left, reprovm, reprovm_vm, test_image, text, TestEnv};
 
-fn assert_nothing_left(env: &TestEnv) {
-    let tmp = env.tmp.display().to_string();
-    assert!(qemu_processes_mentioning(&tmp).is_empty(), "QEMU still running: {:?}", qemu_processes_mentioning(&tmp));
-    assert!(env.leftovers().is_empty(), "left behind: {:?}", env.leftovers());
-}
 
 fn hello() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello")
@@ -54,7 +49,7 @@ fn build_hello_then_verify_and_compare() {
         assert!(info.contains(fact), "{fact} missing from {info}");
     }
     assert!(out.join("build.log").is_file() && out.join("serial.log").is_file());
-    assert_nothing_left(&env);
+    assert_nothing_left(&env, "");
 
     // Verify against a "published" set where hello was built differently:
     // exit 1, the artifact named, and a diffoscope report when it is installed.
@@ -92,7 +87,7 @@ fn build_hello_then_verify_and_compare() {
     // Compare the two builders' results: identical.
     let (table, err, code) = text(&reprovm(&env).arg("compare").arg(out.join("result.json")).arg(out2.join("result.json")).output().unwrap());
     assert_eq!(code, 0, "{table}{err}");
-    assert_nothing_left(&env);
+    assert_nothing_left(&env, "");
 }
 
 #[test]
@@ -155,7 +150,7 @@ artifacts = ["*.txt", "deep"]
     let result: serde_json::Value = serde_json::from_str(&read("result.json")).unwrap();
     assert_eq!(result["inputs"]["source"]["kind"], "tree");
     assert_eq!(result["inputs"]["source_date_epoch_from"], "clock");
-    assert_nothing_left(&env);
+    assert_nothing_left(&env, "");
 }
 
 #[test]
@@ -181,14 +176,14 @@ artifacts = ["passwd", "etc-link/hostname", "fifo", "real.txt", "missing-*.tar"]
     }
     assert!(!out.join("SHA256SUMS").exists() && !out.join("result.json").exists() && !out.join("passwd").exists());
     assert!(out.join("build.log").is_file(), "the log stays for diagnosis");
-    assert_nothing_left(&env);
+    assert_nothing_left(&env, "");
 
     // A failing command: exit 5 with the log's tail.
     fs::write(src.join("reprovm.toml"), "[build]\ncommand = \"echo the compiler broke >&2; exit 3\"\nartifacts = [\"x\"]\n").unwrap();
     let (_, err, code) = text(&reprovm_vm(&env.tmp).arg("build").arg(&src).arg("--out").arg(&out).output().unwrap());
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("failed with status 3") && err.contains("--- build.log (last lines) ---\nthe compiler broke"), "{err}");
-    assert_nothing_left(&env);
+    assert_nothing_left(&env, "");
 }
 
 #[test]

@@ -9,20 +9,14 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{qemu_processes_mentioning, reprovm_vm, text, TestEnv};
+use common::{assert_nothing_left, qemu_processes_mentioning, reprovm_vm, signal, spawn_with_stderr_lines, text, wait_for_line, TestEnv};
 
-fn assert_nothing_left(env: &TestEnv, what: &str) {
-    let tmp = env.tmp.display().to_string();
-    assert!(qemu_processes_mentioning(&tmp).is_empty(), "{what}: QEMU still running");
-    assert!(env.leftovers().is_empty(), "{what}: left behind in TMPDIR: {:?}", env.leftovers());
-}
 
 /// A plain source tree `name` whose reprovm.toml is a small machine (plus
 /// `machine` lines) and `build` (the `[build]` section).
@@ -50,47 +44,13 @@ fn stray_outputs(out: &Path) -> Vec<String> {
 
 /// `reprovm build` with stderr lines sent to a channel.
 fn spawn_build(env: &TestEnv, src: &Path, out: &Path) -> (Child, mpsc::Receiver<String>) {
-    let mut child = reprovm_vm(&env.tmp)
-        .arg("build")
-        .arg(src)
-        .arg("--out")
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
-}
-
-fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str) -> Vec<String> {
-    let start = Instant::now();
-    let mut seen = Vec::new();
-    while start.elapsed() < Duration::from_secs(300) {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-            let hit = line.contains(needle);
-            seen.push(line);
-            if hit {
-                return seen;
-            }
-        }
-    }
-    panic!("no {needle:?} in stderr: {seen:#?}");
+    spawn_with_stderr_lines(reprovm_vm(&env.tmp).arg("build").arg(src).arg("--out").arg(out))
 }
 
 fn rest(rx: &mpsc::Receiver<String>) -> String {
     rx.iter().collect::<Vec<_>>().join("\n")
 }
 
-fn signal(child: &Child, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
-}
 
 /// Checks what a running build exposes on the host: run directories 0700,
 /// the QMP socket inside one, no key file left on disk, the SSH forward on
@@ -186,7 +146,7 @@ fn faults_end_with_the_right_code_a_message_and_nothing_left() {
     // QEMU killed mid-build: exit 4 saying so; check permissions meanwhile.
     let src = tree(&env, "kill", "", "[build]\ncommand = \"sleep 600\"\nartifacts = [\"x\"]\n");
     let (mut child, rx) = spawn_build(&env, &src, &out);
-    wait_for_line(&rx, "building");
+    wait_for_line(&rx, "building", Duration::from_secs(300));
     checks += check_permissions_while_running(&env);
     let qemu = qemu_processes_mentioning(&env.tmp.display().to_string());
     assert_eq!(qemu.len(), 1);
@@ -212,7 +172,7 @@ fn faults_end_with_the_right_code_a_message_and_nothing_left() {
     ] {
         let (mut child, rx) = spawn_build(&env, &src, &out);
         if let Some(line) = after_line {
-            wait_for_line(&rx, line);
+            wait_for_line(&rx, line, Duration::from_secs(300));
         }
         std::thread::sleep(Duration::from_millis(delay_ms));
         signal(&child, sig);

@@ -5,23 +5,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{qemu_processes_mentioning, reprovm_vm, reprovm_vm_wrapped, test_image, text, TestEnv};
+use common::{assert_nothing_left, reprovm_vm, reprovm_vm_wrapped, signal, spawn_with_stderr_lines, test_image, text, wait_for_line, TestEnv};
 use reprovm::guest::{GuestError, GuestSession, RunKeys};
 use reprovm::image::Store;
 use reprovm::vm::{AccelChoice, BootOptions, Machine, MachineSpec, Network};
 
 const FACTS: &str = "nproc; date -u +%F; grep -m1 flags /proc/cpuinfo; exit 7";
 
-fn assert_nothing_left(env: &TestEnv) {
-    let tmp = env.tmp.display().to_string();
-    assert!(qemu_processes_mentioning(&tmp).is_empty(), "QEMU still running: {:?}", qemu_processes_mentioning(&tmp));
-    assert!(env.leftovers().is_empty(), "left behind: {:?}", env.leftovers());
-}
 
 /// One way of running reprovm on this host.
 struct Variation {
@@ -63,45 +57,12 @@ fn the_guest_sees_the_same_machine_whatever_the_host() {
             Some(expected) => assert_eq!(&out, expected, "{} changed what the guest sees: {err}", v.name),
         }
     }
-    assert_nothing_left(&base);
+    assert_nothing_left(&base, "");
 }
 
 /// Spawns `reprovm run` with its stderr lines sent to the returned channel.
 fn spawn_run(env: &TestEnv, command: &[&str]) -> (Child, mpsc::Receiver<String>) {
-    let mut child = reprovm_vm(&env.tmp)
-        .args(["run", "--accel", "tcg", "--"])
-        .args(command)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
-}
-
-fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) -> Vec<String> {
-    let start = Instant::now();
-    let mut seen = Vec::new();
-    while start.elapsed() < limit {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            let hit = line.contains(needle);
-            seen.push(line);
-            if hit {
-                return seen;
-            }
-        }
-    }
-    panic!("no {needle:?} within {limit:?}; stderr so far: {seen:#?}");
-}
-
-fn signal(child: &Child, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+    spawn_with_stderr_lines(reprovm_vm(&env.tmp).args(["run", "--accel", "tcg", "--"]).args(command))
 }
 
 #[test]
@@ -114,7 +75,7 @@ fn sigint_during_a_command_exits_130_and_leaves_nothing() {
     signal(&child, nix::sys::signal::Signal::SIGINT);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
-    assert_nothing_left(&env);
+    assert_nothing_left(&env, "");
 }
 
 #[test]
@@ -128,7 +89,7 @@ fn sigterm_during_boot_exits_130_and_leaves_nothing() {
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
-    assert_nothing_left(&env);
+    assert_nothing_left(&env, "");
 }
 
 #[test]
@@ -143,7 +104,7 @@ fn forced_kvm_boots_or_fails_clearly_with_exit_4() {
         other => panic!("--accel kvm exited {other}: {err}"),
     }
     assert!(start.elapsed() < Duration::from_secs(120), "a KVM that cannot boot must be detected by the watchdog");
-    assert_nothing_left(&env);
+    assert_nothing_left(&env, "");
 }
 
 /// Boots the test image through the library under TCG with `cpus` and
@@ -204,7 +165,7 @@ fn one_builder_qmp_host_key_facts_and_powerdown() {
         assert!(machine.shutdown().await, "the guest must power off on system_powerdown");
         assert!(!run_dir.exists());
     });
-    assert_nothing_left(&env);
+    assert_nothing_left(&env, "");
 }
 
 /// Every QMP command reprovm sends, against the real QEMU (no guest needed).
@@ -260,5 +221,5 @@ fn a_guest_kernel_panic_is_reported() {
         assert!(matches!(err, reprovm::vm::VmError::Panicked { .. }), "{err}");
         assert!(err.to_string().contains("Kernel panic"), "{err}");
     });
-    assert_nothing_left(&env);
+    assert_nothing_left(&env, "");
 }

@@ -6,13 +6,12 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-
+use crate::image::pin::hash_reader;
 use crate::path_error::{path_error, PathError};
 
 /// One artifact: where it is (relative to the output directory), its size
@@ -65,26 +64,6 @@ fn checked_path(raw: &[u8]) -> Result<PathBuf, ArtifactError> {
     Ok(path.to_path_buf())
 }
 
-/// Copies `reader` into `out`, returning (size, sha256 hex).
-fn copy_hashed(reader: &mut dyn Read, out: &mut dyn Write) -> io::Result<(u64, String)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        size += n as u64;
-    }
-    out.flush()?;
-    Ok((size, hex::encode(hasher.finalize())))
-}
-
 /// Unpacks the guest's artifact tar (`archive`, the raw output disk) into
 /// `dest` (a fresh directory) and returns the artifacts sorted by path.
 pub fn extract(archive: &Path, dest: &Path) -> Result<Vec<Artifact>, ArtifactError> {
@@ -116,8 +95,10 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<Vec<Artifact>, ArtifactErr
             .mode(if executable { 0o755 } else { 0o644 })
             .open(&target)
             .map_err(path_error("create", &target))?;
-        let (size, sha256) = copy_hashed(&mut entry, &mut out).map_err(path_error("write", &target))?;
-        artifacts.push(Artifact { path: shown, size, sha256 });
+        let (digest, size) = hash_reader(&mut entry, |chunk| out.write_all(chunk))
+            .and_then(|hashed| out.flush().map(|()| hashed))
+            .map_err(path_error("write", &target))?;
+        artifacts.push(Artifact { path: shown, size, sha256: digest.hex() });
     }
     artifacts.sort();
     Ok(artifacts)

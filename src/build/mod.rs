@@ -21,16 +21,9 @@ use crate::host_tools::ToolError;
 use crate::image::StoreError;
 use crate::interrupt::Interrupted;
 use crate::path_error::PathError;
+use crate::vm::machine::section;
 use crate::vm::VmError;
 use crate::Exit;
-
-fn section(title: &str, body: &str) -> String {
-    if body.trim().is_empty() {
-        String::new()
-    } else {
-        format!("\n--- {title} ---\n{}", body.trim_end())
-    }
-}
 
 /// A build failure, with the exit code it maps to.
 #[derive(Debug, thiserror::Error)]

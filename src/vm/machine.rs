@@ -150,7 +150,8 @@ pub enum VmError {
     Keys(#[from] crate::guest::keys::KeyError),
 }
 
-fn section(title: &str, body: &str) -> String {
+/// `body` under a `--- title ---` line, for error messages (empty when `body` is).
+pub(crate) fn section(title: &str, body: &str) -> String {
     if body.trim().is_empty() {
         String::new()
     } else {

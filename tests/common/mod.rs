@@ -2,8 +2,11 @@
 //! the builder image the VM tests boot.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// A `reprovm` command with an isolated cache (store) and TMPDIR.
 pub fn reprovm(env: &TestEnv) -> Command {
@@ -106,4 +109,46 @@ pub fn qemu_processes_mentioning(needle: &str) -> Vec<String> {
         }
     }
     found
+}
+
+/// Fails unless no QEMU of this test runs and its TMPDIR is empty.
+pub fn assert_nothing_left(env: &TestEnv, what: &str) {
+    let tmp = env.tmp.display().to_string();
+    assert!(qemu_processes_mentioning(&tmp).is_empty(), "{what}: QEMU still running: {:?}", qemu_processes_mentioning(&tmp));
+    assert!(env.leftovers().is_empty(), "{what}: left behind in TMPDIR: {:?}", env.leftovers());
+}
+
+/// Spawns `cmd` with stdout discarded and its stderr lines sent to the
+/// returned channel.
+pub fn spawn_with_stderr_lines(cmd: &mut Command) -> (Child, mpsc::Receiver<String>) {
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a stderr line containing `needle`; returns the lines seen.
+pub fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) -> Vec<String> {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while start.elapsed() < limit {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            let hit = line.contains(needle);
+            seen.push(line);
+            if hit {
+                return seen;
+            }
+        }
+    }
+    panic!("no {needle:?} within {limit:?}; stderr so far: {seen:#?}");
+}
+
+/// Sends `sig` to `child`.
+pub fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
 }
