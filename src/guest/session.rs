@@ -237,6 +237,35 @@ mod tests {
         assert!(w.ends_with(r#"/bin/sh -c "echo 'a b'; id""#) || w.ends_with(r#"/bin/sh -c 'echo '"'"'a b'"'"'; id'"#), "{w}");
     }
 
+    /// A fake "guest" on a local port that answers each connection with
+    /// `reply` and then stays silent.
+    fn fake_guest(reply: &'static [u8]) -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().map_while(Result::ok) {
+                let _ = stream.write_all(reply);
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(30));
+                    drop(stream);
+                });
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn a_silent_or_garbage_guest_is_refused_within_the_handshake_limit() {
+        let keys = RunKeys::generate().unwrap();
+        for reply in [&b""[..], b"HTTP/1.1 200 OK\r\n\r\n", b"SSH-2.0-fake\r\n\0\0\0\x0cgarbagegarbage"] {
+            let port = fake_guest(reply);
+            let start = std::time::Instant::now();
+            let result = GuestSession::connect(port, &keys);
+            assert!(matches!(result, Err(GuestError::NotReady(_))), "{reply:?}");
+            assert!(start.elapsed() < Duration::from_secs(6), "{reply:?} took {:?}", start.elapsed());
+        }
+    }
+
     #[test]
     fn connect_to_a_closed_port_is_not_ready() {
         let keys = RunKeys::generate().unwrap();

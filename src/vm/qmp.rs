@@ -92,7 +92,11 @@ impl Qmp {
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         };
-        let negotiation = QmpStreamTokio::open(stream).await.map_err(QmpError::Handshake)?;
+        // A monitor that never greets, or greets with garbage, must not hang us.
+        let negotiation = tokio::time::timeout(deadline.remaining().max(Duration::from_secs(1)), QmpStreamTokio::open(stream))
+            .await
+            .map_err(|_| QmpError::Handshake(std::io::Error::other("no QMP greeting")))?
+            .map_err(QmpError::Handshake)?;
         let stream = tokio::time::timeout(deadline.remaining().max(Duration::from_secs(1)), negotiation.negotiate())
             .await
             .map_err(|_| QmpError::Handshake(std::io::Error::other("no capabilities answer")))?
@@ -163,5 +167,51 @@ impl Qmp {
     pub async fn version(&self) -> Result<String, QmpError> {
         let v = self.execute("query-version", qmp::query_version {}, Duration::from_secs(5)).await?;
         Ok(format!("{}.{}.{} ({})", v.qemu.major, v.qemu.minor, v.qemu.micro, v.package.trim()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixListener;
+
+    /// A fake monitor at a fresh socket that sends `greeting` (if any) to
+    /// each connection and then stays silent.
+    fn fake_monitor(greeting: Option<&'static [u8]>) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                if let Some(g) = greeting {
+                    let _ = stream.write_all(g).await;
+                }
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    drop(stream);
+                });
+            }
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn a_silent_or_garbage_monitor_is_an_error_within_the_limit() {
+        for greeting in [None, Some(&b"garbage that is not JSON\n"[..]), Some(&b"{\"QMP\": {\"version\": 1}}\n"[..])] {
+            let (_dir, path) = fake_monitor(greeting);
+            let start = Instant::now();
+            let result = Qmp::connect(&path, Duration::from_secs(1)).await;
+            assert!(result.is_err(), "{greeting:?} was accepted");
+            assert!(start.elapsed() < Duration::from_secs(5), "{greeting:?} took {:?}", start.elapsed());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_times_out_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Qmp::connect(&dir.path().join("none.sock"), Duration::from_millis(200)).await.err().unwrap();
+        assert!(err.to_string().contains("QMP"), "{err}");
     }
 }
