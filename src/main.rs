@@ -16,8 +16,10 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(reprovm::cli::run(args));
-    // Blocking SSH threads end when their connection closes; do not wait on them.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // After an interrupt, blocking stages (archiving, mkfs, extraction) see
+    // the signal, stop and remove their files; SSH threads end as their
+    // connection closes with QEMU. Give them that time, not forever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
     if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
         // QEMU and other children are not included (scripts/bench reads this).
         tracing::debug!("peak memory of reprovm itself: {} KiB", usage.max_rss());

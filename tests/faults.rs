@@ -186,6 +186,22 @@ fn faults_end_with_the_right_code_a_message_and_nothing_left() {
         faults += 1;
     }
 
+    // SIGINT while the source is archived onto the scratch disk (a 1 GiB
+    // sparse file keeps that stage busy for seconds).
+    let big_src = tree(&env, "big-source", "", "[build]\ncommand = \"true\"\nartifacts = [\"x\"]\n");
+    fs::File::create(big_src.join("zeros.bin")).unwrap().set_len(1 << 30).unwrap();
+    let (mut child, rx) = spawn_build(&env, &big_src, &out);
+    wait_for_line(&rx, "verified", Duration::from_secs(300));
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, SIGINT);
+    let status = child.wait().unwrap();
+    let err = rest(&rx);
+    assert_eq!(status.code(), Some(130), "source upload: {err}");
+    assert!(!err.contains("source archived"), "the signal came too late to test the source stage: {err}");
+    assert_nothing_left(&env, "source upload");
+    assert!(stray_outputs(&out).is_empty());
+    faults += 1;
+
     eprintln!("fault suite: {faults} faults injected, {checks} permission checks, all handled");
 }
 
@@ -202,14 +218,16 @@ fn hostile_builds_are_refused_or_contained() {
         &env,
         "links",
         "", "[build]\ncommand = \"ln -s /etc/passwd passwd && ln -s / root && mkfifo fifo && ln /etc/hostname hard 2>/dev/null || cp /etc/hostname hard\"\n\
-         artifacts = [\"passwd\", \"root/etc/shadow\", \"fifo\"]\n",
+         artifacts = [\"passwd\", \"root/etc/shadow\", \"fifo\", \"null\"]\nprovision = [\"mknod null c 1 3\"]\n",
     );
     let (_, err, code) = build(&env, &src, &out, &[]);
     assert_eq!(code, 5, "{err}");
-    assert!(err.contains("\"passwd\" refused") && err.contains("\"root/etc/shadow\" refused") && err.contains("\"fifo\" refused"), "{err}");
+    for refused in ["\"passwd\" refused", "\"root/etc/shadow\" refused", "\"fifo\" refused", "\"null\" refused"] {
+        assert!(err.contains(refused), "{refused}: {err}");
+    }
     assert!(!out.join("SHA256SUMS").exists() && !out.join("passwd").exists());
     assert_nothing_left(&env, "links");
-    hostile += 3;
+    hostile += 4;
 
     // Globs that would leave the build directory never reach the VM.
     for glob in ["../../etc/passwd", "/etc/passwd", "a/../../b"] {
@@ -221,10 +239,10 @@ fn hostile_builds_are_refused_or_contained() {
     }
 
     // A flood of tiny files comes back whole.
-    let src = tree(&env, "flood", "", "[build]\ncommand = \"mkdir many && cd many && seq -w 1 20000 | xargs touch\"\nartifacts = [\"many\"]\n");
+    let src = tree(&env, "flood", "", "[build]\ncommand = \"mkdir many && cd many && seq -w 1 200000 | xargs touch\"\nartifacts = [\"many\"]\n");
     let (_, err, code) = build(&env, &src, &out, &[]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(fs::read_to_string(out.join("SHA256SUMS")).unwrap().lines().count(), 20000);
+    assert_eq!(fs::read_to_string(out.join("SHA256SUMS")).unwrap().lines().count(), 200000);
     assert_nothing_left(&env, "flood");
     hostile += 1;
 

@@ -180,6 +180,30 @@ fn concurrent_cli_imports_leave_one_intact_entry() {
 }
 
 #[test]
+fn concurrent_fetches_of_one_bundle_leave_one_intact_entry() {
+    let env = TestEnv::new();
+    let bundle = small_bundle(env.path());
+    let bytes = std::fs::read(&bundle).unwrap();
+    let pin = hash_file(&bundle).unwrap();
+    let servers: Vec<_> = (0..3).map(|_| serve_once(bytes.clone(), bytes.len())).collect();
+    let children: Vec<_> = servers
+        .iter()
+        .map(|(port, _)| {
+            let url = format!("http://127.0.0.1:{port}/tiny.img");
+            reprovm(&env).args(["image", "fetch", &url, "--sha256", &pin.hex()]).stdout(std::process::Stdio::null()).spawn().unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    for (_, h) in servers {
+        h.join().unwrap();
+    }
+    assert_eq!(store_entries(&env), [pin.hex()]);
+    assert_eq!(text(&reprovm(&env).args(["image", "verify"]).output().unwrap()).2, 0);
+}
+
+#[test]
 fn a_bad_mirror_flag_exits_2_naming_flag_and_value() {
     let env = TestEnv::new();
     let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/debian-bookworm-amd64");

@@ -121,11 +121,12 @@ impl BuildError {
     /// The process exit code for this error.
     pub fn exit(&self) -> Exit {
         match self {
+            BuildError::Tool(ToolError::Interrupted(_))
+            | BuildError::Interrupted(_)
+            | BuildError::Source(SourceError::Interrupted(_))
+            | BuildError::Extract(ArtifactError::Interrupted(_)) => Exit::Interrupted,
             BuildError::Output(_) | BuildError::Io(_) | BuildError::Source(_) | BuildError::ScratchTooSmall { .. } => Exit::Usage,
             BuildError::Store(e) => e.exit(),
-            BuildError::Tool(ToolError::Interrupted(_)) | BuildError::Interrupted(_) | BuildError::Extract(ArtifactError::Interrupted(_)) => {
-                Exit::Interrupted
-            }
             BuildError::Tool(ToolError::Missing { .. } | ToolError::TooOld { .. }) => Exit::Usage,
             BuildError::Tool(_) | BuildError::Vm(_) | BuildError::Prepare { .. } | BuildError::Collect { .. } => Exit::Vm,
             BuildError::Provision { .. }

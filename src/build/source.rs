@@ -85,6 +85,9 @@ pub enum SourceError {
         /// What git said.
         message: String,
     },
+    /// SIGINT or SIGTERM arrived while archiving.
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
     /// Something that cannot go into an archive (device, FIFO, socket).
     #[error("{}: a {kind} cannot be part of the source; remove it or build from a git checkout", path.display())]
     Unsupported {
@@ -231,6 +234,7 @@ impl SourceTree {
             move |e: io::Error| PathError { action: "archive", path: full, source: e }
         };
         for entry in &self.entries {
+            crate::interrupt::check()?;
             let name = prefix.join(entry.path());
             match entry {
                 Entry::Dir(p) => tar.append_data(&mut header(tar::EntryType::Directory, 0o755, owner, epoch), &name, io::empty()).map_err(err(p))?,
