@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::image::Pin;
 pub use crate::vm::Network;
-use crate::vm::AccelChoice;
+use crate::vm::{AccelChoice, MachineSpec};
 
 /// File name of a build recipe beside the sources.
 pub const RECIPE_FILE: &str = "reprovm.toml";
@@ -75,6 +75,23 @@ pub struct MachineSection {
     /// Accelerator choice.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accel: Option<AccelChoice>,
+}
+
+impl MachineSection {
+    /// The guest-visible machine, with the defaults for what is not set.
+    pub fn spec(&self, clock: i64) -> MachineSpec {
+        MachineSpec {
+            cpu_model: self.cpu_model.clone().unwrap_or_else(|| crate::vm::args::DEFAULT_CPU_MODEL.to_string()),
+            cpus: self.cpus.unwrap_or(DEFAULT_CPUS),
+            memory_mib: self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+            clock,
+        }
+    }
+
+    /// The scratch disk's size in MiB.
+    pub fn scratch(&self) -> u64 {
+        self.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB)
+    }
 }
 
 /// `[build]`

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::build::artifacts::{self, Artifact};
 use crate::build::output::OutputDir;
-use crate::build::recipe::{BuildRecipe, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DEFAULT_SCRATCH_MIB};
+use crate::build::recipe::BuildRecipe;
 use crate::build::result::{BuildResult, Inputs, MachineRecord, RecipeRecord, Timings, RESULT_FORMAT};
 use crate::build::source::SourceTree;
 use crate::build::BuildError;
@@ -23,7 +23,7 @@ use crate::host_tools::{make_ext4, Ext4Spec};
 use crate::image::{Pin, Store, StoredImage};
 use crate::path_error::path_error;
 use crate::vm::machine::tail_of;
-use crate::vm::{AccelChoice, BootOptions, ExtraDisk, Machine, MachineSpec, VmError};
+use crate::vm::{AccelChoice, BootOptions, ExtraDisk, Machine, VmError};
 
 /// Mounts the scratch disk in the guest (run as root).
 const PREPARE_SCRIPT: &str = include_str!("../../provision/prepare-build");
@@ -106,7 +106,7 @@ fn prepare_disks(req: &BuildRequest, machine_clock: i64) -> Result<Prepared, Bui
         (None, None) => (machine_clock, "clock"),
     };
     let source = tree.record(epoch)?;
-    let scratch_mib = req.recipe.machine.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB);
+    let scratch_mib = req.recipe.machine.scratch();
     let source_mib = source.bytes.div_ceil(1 << 20);
     if source_mib + source_mib / 5 + 64 > scratch_mib {
         return Err(BuildError::ScratchTooSmall { recipe: req.recipe_file.clone(), source_mib, scratch_mib });
@@ -201,15 +201,18 @@ struct GuestOutcome {
     build: Duration,
 }
 
+/// An SSH failure during a guest-side step (the serial console's tail is
+/// added by [`in_guest`]).
+fn ssh_failure(source: GuestError) -> BuildError {
+    BuildError::Vm(VmError::Ssh { serial_tail: String::new(), source })
+}
+
 /// Mount, provision, build: over SSH, on a blocking thread.
 fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path: &Path) -> Result<GuestOutcome, BuildError> {
-    let ssh = |source: GuestError| BuildError::Vm(VmError::Ssh { serial_tail: String::new(), source });
     let start = Instant::now();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let status = session
-        .exec_until(&format!("sh -c {}", quote(PREPARE_SCRIPT)), Some((Deadline::after(GUEST_STEP_LIMIT), "the scratch disk to mount")), &mut out, &mut err)
-        .map_err(ssh)?;
-    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    let mount = format!("sh -c {}", quote(PREPARE_SCRIPT));
+    let (status, out, err) =
+        session.exec_capture_until(&mount, Some((Deadline::after(GUEST_STEP_LIMIT), "the scratch disk to mount"))).map_err(ssh_failure)?;
     if status != 0 {
         return Err(BuildError::Prepare { status, output: format!("{out}{err}").trim().to_string(), serial_tail: String::new() });
     }
@@ -220,7 +223,7 @@ fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path:
     let log_tail = || tail_of(log_path, 30);
     let timed = |e: GuestError| match e {
         GuestError::Deadline(_) => BuildError::Timeout { secs: recipe.build.timeout_secs, log_tail: log_tail() },
-        other => ssh(other),
+        other => ssh_failure(other),
     };
     let root_env = build_env(recipe, epoch, true);
     for (i, command) in recipe.build.provision.iter().enumerate() {
@@ -244,12 +247,9 @@ fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path:
 /// Collects the artifacts onto the output disk (over SSH, blocking), within
 /// the build's own time limit.
 fn guest_collect(session: &GuestSession, limit: Duration) -> Result<(), BuildError> {
-    let ssh = |source: GuestError| BuildError::Vm(VmError::Ssh { serial_tail: String::new(), source });
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let status = session
-        .exec_until(&format!("bash -c {}", quote(COLLECT_SCRIPT)), Some((Deadline::after(limit), "the artifacts to be collected")), &mut out, &mut err)
-        .map_err(ssh)?;
-    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    let collect = format!("bash -c {}", quote(COLLECT_SCRIPT));
+    let (status, out, err) =
+        session.exec_capture_until(&collect, Some((Deadline::after(limit), "the artifacts to be collected"))).map_err(ssh_failure)?;
     let problems: Vec<String> = out
         .lines()
         .filter_map(|l| {
@@ -364,15 +364,9 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
         tracing::warn!("machine.clock ({clock}) is earlier than SOURCE_DATE_EPOCH ({}): the source files will lie in the guest's future", prepared.epoch);
     }
     progress.begin("booting the builder", false);
-    let machine_section = &req.recipe.machine;
     let opts = BootOptions {
-        spec: MachineSpec {
-            cpu_model: machine_section.cpu_model.clone().unwrap_or_else(|| crate::vm::args::DEFAULT_CPU_MODEL.to_string()),
-            cpus: machine_section.cpus.unwrap_or(DEFAULT_CPUS),
-            memory_mib: machine_section.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
-            clock,
-        },
-        accel: machine_section.accel.unwrap_or(AccelChoice::Auto),
+        spec: req.recipe.machine.spec(clock),
+        accel: req.recipe.machine.accel.unwrap_or(AccelChoice::Auto),
         qemu: req.qemu.clone(),
         boot_timeout: req.boot_timeout,
         runtime_dir: std::env::temp_dir(),
@@ -427,7 +421,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
         machine: MachineRecord {
             launched,
             network: req.recipe.build.network,
-            scratch_mib: req.recipe.machine.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB),
+            scratch_mib: req.recipe.machine.scratch(),
         },
         guest: facts,
         outputs: artifacts,
@@ -437,14 +431,13 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
     Ok(result)
 }
 
-/// Writes result.json, then SHA256SUMS, each complete before it appears.
+/// Writes result.json and SHA256SUMS into the staging directory (which
+/// appears as the output directory only once complete).
 fn write_results(dir: &Path, result: &BuildResult) -> Result<(), BuildError> {
     let json = serde_json::to_string_pretty(result).expect("a result serializes") + "\n";
     for (name, text) in [("result.json", json), ("SHA256SUMS", artifacts::sha256sums(&result.outputs))] {
         let path = dir.join(name);
-        let partial = dir.join(format!(".{name}.partial"));
-        fs::write(&partial, text).map_err(path_error("write", &partial))?;
-        fs::rename(&partial, &path).map_err(path_error("write", &path))?;
+        fs::write(&path, text).map_err(path_error("write", &path))?;
     }
     Ok(())
 }

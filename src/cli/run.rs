@@ -5,13 +5,13 @@ use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use crate::build::recipe::{DEFAULT_CPUS, DEFAULT_MEMORY_MIB};
+use crate::build::recipe::MachineSection;
 use crate::cli::{parse_pin, Error, MachineArgs};
 use crate::guest::session::as_build_user;
 use crate::guest::{GuestError, GuestSession};
 use crate::image::{Pin, Store, StoredImage};
 use crate::vm::machine::tail_of;
-use crate::vm::{AccelChoice, BootOptions, Machine, MachineSpec, Network, VmError};
+use crate::vm::{AccelChoice, BootOptions, Machine, Network, VmError};
 
 /// Picks the image: the pin given, else the store's only image (with
 /// `name`, when given).
@@ -47,12 +47,8 @@ pub async fn verified_image(store: Store, pin: Pin) -> Result<StoredImage, Error
 /// Boot options from the machine flags, the clock defaulting to the image's date.
 pub fn boot_options(args: &MachineArgs, image: &StoredImage) -> BootOptions {
     BootOptions {
-        spec: MachineSpec {
-            cpu_model: args.cpu_model.clone().unwrap_or_else(|| crate::vm::args::DEFAULT_CPU_MODEL.to_string()),
-            cpus: args.cpus.unwrap_or(DEFAULT_CPUS),
-            memory_mib: args.memory.unwrap_or(DEFAULT_MEMORY_MIB),
-            clock: args.clock.unwrap_or(image.layout.metadata.source_date_epoch),
-        },
+        spec: MachineSection { cpu_model: args.cpu_model.clone(), cpus: args.cpus, memory_mib: args.memory, ..MachineSection::default() }
+            .spec(args.clock.unwrap_or(image.layout.metadata.source_date_epoch)),
         accel: args.accel.unwrap_or(AccelChoice::Auto),
         qemu: args.qemu.clone(),
         boot_timeout: Duration::from_secs(args.boot_timeout),

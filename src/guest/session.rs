@@ -136,8 +136,13 @@ impl GuestSession {
 
     /// Runs `command` as root and returns (status, stdout, stderr).
     pub fn exec_capture(&self, command: &str) -> Result<(i32, String, String), GuestError> {
+        self.exec_capture_until(command, None)
+    }
+
+    /// [`GuestSession::exec_capture`] with the deadline of [`GuestSession::exec_until`].
+    pub fn exec_capture_until(&self, command: &str, deadline: Option<(Deadline, &'static str)>) -> Result<(i32, String, String), GuestError> {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let status = self.exec(command, &mut out, &mut err)?;
+        let status = self.exec_until(command, deadline, &mut out, &mut err)?;
         Ok((status, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
     }
 
