@@ -294,16 +294,24 @@ async fn in_guest<T: Send + 'static>(
     })
     .await;
     machine.put_session(session);
-    outcome.map_err(|e| {
-        let _ = fs::copy(machine.serial_log(), serial_copy);
-        // A dropped connection is usually the VM's doing: say what happened.
-        if let BuildError::Vm(VmError::Ssh { .. }) = e {
+    let e = match outcome {
+        Ok(value) => return Ok(value),
+        Err(e) => e,
+    };
+    // A dropped connection is usually the VM's doing: say what happened. The
+    // socket closes while QEMU is still exiting, so give it a moment.
+    if let BuildError::Vm(VmError::Ssh { .. }) = e {
+        let deadline = Deadline::after(Duration::from_secs(2));
+        while !deadline.passed() {
             if let Err(vm) = machine.health() {
-                return BuildError::Vm(vm);
+                let _ = fs::copy(machine.serial_log(), serial_copy);
+                return Err(BuildError::Vm(vm));
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        with_serial_tail(e, machine.serial_log())
-    })
+    }
+    let _ = fs::copy(machine.serial_log(), serial_copy);
+    Err(with_serial_tail(e, machine.serial_log()))
 }
 
 /// Runs the build. On failure after the build began, the output directory
