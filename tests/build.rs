@@ -62,10 +62,10 @@ fn build_hello_then_verify_and_compare() {
     let sums_of_published = Command::new("sha256sum").args(["buildinfo.txt", "hello"]).current_dir(&published).output().unwrap();
     fs::write(published.join("SHA256SUMS"), &sums_of_published.stdout).unwrap();
     let out2 = env.path().join("out2");
-    let verify = |expect: &Path| {
-        text(&reprovm_vm(&env.tmp).arg("verify").arg(hello()).arg("--out").arg(&out2).arg("--expect").arg(expect).output().unwrap())
+    let verify = |expect: &Path, extra: &[&str]| {
+        text(&reprovm_vm(&env.tmp).arg("verify").arg(hello()).arg("--out").arg(&out2).arg("--expect").arg(expect).args(extra).output().unwrap())
     };
-    let (table, err, code) = verify(&published.join("SHA256SUMS"));
+    let (table, err, code) = verify(&published.join("SHA256SUMS"), &["--diffoscope"]);
     assert_eq!(code, 1, "{err}");
     let row = table.lines().find(|l| l.starts_with("hello ")).unwrap_or_else(|| panic!("hello not in {table}"));
     assert!(row.contains("DIFFERS"), "{table}");
@@ -79,9 +79,9 @@ fn build_hello_then_verify_and_compare() {
     }
 
     // Against the true SHA256SUMS and the first result.json: exit 0.
-    let (_, err, code) = verify(&out.join("SHA256SUMS"));
+    let (_, err, code) = verify(&out.join("SHA256SUMS"), &[]);
     assert_eq!(code, 0, "{err}");
-    let (_, err, code) = verify(&out.join("result.json"));
+    let (_, err, code) = verify(&out.join("result.json"), &[]);
     assert_eq!(code, 0, "{err}");
 
     // Compare the two builders' results: identical.

@@ -120,6 +120,7 @@ async fn boot_test_machine(env: &TestEnv, cpus: u32, memory_mib: u32) -> Machine
         runtime_dir: env.tmp.clone(),
         disks: Vec::new(),
         network: Network::None,
+        log_limit: 64 << 20,
     };
     Machine::boot(&image, &opts).await.unwrap()
 }

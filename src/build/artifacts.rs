@@ -11,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use crate::build::output::OWN_NAMES;
 use crate::image::pin::hash_reader;
 use crate::path_error::{path_error, PathError};
 
@@ -30,9 +31,9 @@ pub struct Artifact {
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     /// The guest's archive holds an entry the host refuses.
-    #[error("refusing artifact {path:?} from the builder: {why}")]
+    #[error("refusing artifact \"{path}\" from the builder: {why}")]
     Unsafe {
-        /// The entry's path as the guest wrote it.
+        /// The entry's path as the guest wrote it, escaped.
         path: String,
         /// Why it is refused.
         why: &'static str,
@@ -49,17 +50,21 @@ pub enum ArtifactError {
 }
 
 /// Checks an artifact path from the guest: relative, plain components only,
-/// UTF-8, one line of SHA256SUMS without escapes.
+/// UTF-8 without control characters (one line of SHA256SUMS without
+/// escapes, safe to print), and not one of reprovm's own output names.
 fn checked_path(raw: &[u8]) -> Result<PathBuf, ArtifactError> {
-    let shown = String::from_utf8_lossy(raw).into_owned();
+    let shown = crate::escape::escape_bytes(raw);
     let unsafe_path = |why| ArtifactError::Unsafe { path: shown.clone(), why };
     let text = std::str::from_utf8(raw).map_err(|_| unsafe_path("the name is not UTF-8"))?;
-    if text.is_empty() || text.contains(['\n', '\r', '\\']) {
-        return Err(unsafe_path("empty, or a newline or backslash in the name"));
+    if text.is_empty() || text.contains('\\') || crate::escape::escape(text) != text {
+        return Err(unsafe_path("empty, or a control character or backslash in the name"));
     }
     let path = Path::new(text);
     if !path.components().all(|c| matches!(c, Component::Normal(_))) {
         return Err(unsafe_path("the path is absolute or has `.`/`..` components"));
+    }
+    if path.components().next().is_some_and(|first| OWN_NAMES.iter().any(|own| first.as_os_str() == *own)) {
+        return Err(unsafe_path("reprovm writes this name itself (SHA256SUMS, result.json, the logs…); return the file from a subdirectory"));
     }
     Ok(path.to_path_buf())
 }
@@ -203,6 +208,10 @@ mod tests {
             (vec![("dev", tar::EntryType::Char, &b""[..])], "not a regular file"),
             (vec![("a", tar::EntryType::Regular, &b"1"[..]), ("a", tar::EntryType::Regular, &b"2"[..])], "twice"),
             (vec![("a\\b", tar::EntryType::Regular, &b"1"[..])], "backslash"),
+            (vec![("x\x1b]52;c;ZXZpbA==\x07", tar::EntryType::Regular, &b"1"[..])], "x\\x1b]52;c;ZXZpbA==\\x07"),
+            (vec![("SHA256SUMS", tar::EntryType::Regular, &b"forged"[..])], "reprovm writes this name itself"),
+            (vec![("hello", tar::EntryType::Regular, &b"1"[..]), ("result.json", tar::EntryType::Regular, &b"{}"[..])], "result.json"),
+            (vec![("build.log/x", tar::EntryType::Regular, &b"1"[..])], "reprovm writes this name itself"),
         ] {
             let t = tar_with(&entries);
             let dest = tempfile::tempdir().unwrap();

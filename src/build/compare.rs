@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::build::result::{BuildResult, Record};
+use crate::escape::escape;
 
 /// How one artifact compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -123,14 +124,15 @@ fn short(hash: &Option<String>) -> String {
 
 /// The per-artifact table, with one hash column per record.
 pub fn render_rows(rows: &[Row], headers: &[String]) -> String {
-    let width = rows.iter().map(|r| r.path.len()).chain([8]).max().unwrap_or(8);
+    // Names and values come from published files and guests: escaped.
+    let width = rows.iter().map(|r| escape(&r.path).chars().count()).chain([8]).max().unwrap_or(8);
     let mut out = format!("{:<width$}  {:<10}", "artifact", "status");
     for h in headers {
         let _ = write!(out, "  {h:<16}");
     }
     out.push('\n');
     for row in rows {
-        let _ = write!(out, "{:<width$}  {:<10}", row.path, row.status.as_str());
+        let _ = write!(out, "{:<width$}  {:<10}", escape(&row.path), row.status.as_str());
         for h in &row.hashes {
             let _ = write!(out, "  {:<16}", short(h));
         }
@@ -148,7 +150,7 @@ pub fn render_inputs(differences: &[(&'static str, Vec<String>)], headers: &[Str
     for (name, values) in differences {
         let _ = writeln!(out, "  {name}:");
         for (h, v) in headers.iter().zip(values) {
-            let _ = writeln!(out, "    {h}: {v}");
+            let _ = writeln!(out, "    {h}: {}", escape(v));
         }
     }
     out

@@ -21,7 +21,7 @@ use crate::host_tools::ToolError;
 use crate::image::StoreError;
 use crate::interrupt::Interrupted;
 use crate::path_error::PathError;
-use crate::vm::machine::section;
+use crate::logs::section;
 use crate::vm::VmError;
 use crate::Exit;
 

@@ -15,6 +15,15 @@ use crate::path_error::{path_error, PathError};
 /// Files that mark a directory as a reprovm output.
 const MARKERS: [&str; 3] = ["result.json", "build.log", "SHA256SUMS"];
 
+/// The logs a failed build leaves (nothing else of it is kept).
+pub const LOG_FILES: [&str; 2] = ["build.log", "serial.log"];
+
+/// Every top-level name reprovm writes into an output directory itself.
+/// No artifact may take one of them: whatever a build returns can never
+/// replace or pose as reprovm's own files. A file reprovm starts writing
+/// must be added here first.
+pub const OWN_NAMES: [&str; 6] = ["SHA256SUMS", "result.json", "build.log", "serial.log", "diffoscope", "provenance.intoto.json"];
+
 /// The output directory cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
@@ -81,6 +90,27 @@ impl OutputDir {
         &self.target
     }
 
+    /// For a failed build: removes everything but the logs from the staging
+    /// directory (artifacts already unpacked included), then moves it into
+    /// place if a log is there.
+    pub fn commit_logs_only(self) -> Result<Option<PathBuf>, OutputError> {
+        let dir = self.path().to_path_buf();
+        for entry in fs::read_dir(&dir).map_err(path_error("list", &dir))? {
+            let entry = entry.map_err(path_error("list", &dir))?;
+            if LOG_FILES.iter().any(|log| entry.file_name() == *log) && entry.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let path = entry.path();
+            let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            removed.map_err(path_error("remove", &path))?;
+        }
+        if LOG_FILES.iter().any(|log| dir.join(log).is_file()) {
+            self.commit().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Moves the staging directory into place, replacing the previous output.
     pub fn commit(self) -> Result<PathBuf, OutputError> {
         let staging = self.staging.keep();
@@ -132,6 +162,26 @@ mod tests {
         let e = OutputDir::prepare(&foreign).unwrap_err().to_string();
         assert!(e.contains("refusing to replace") && e.contains("home"), "{e}");
         assert_eq!(fs::read_to_string(foreign.join("thesis.tex")).unwrap(), "precious");
+    }
+
+    #[test]
+    fn a_failed_build_leaves_only_its_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let o = OutputDir::prepare(&out).unwrap();
+        fs::write(o.path().join("build.log"), "log").unwrap();
+        // What a hostile build got unpacked before the failure.
+        fs::write(o.path().join("SHA256SUMS"), "forged").unwrap();
+        fs::create_dir_all(o.path().join("dist/x")).unwrap();
+        fs::write(o.path().join("dist/x/result.json"), "forged").unwrap();
+        o.commit_logs_only().unwrap();
+        let names: Vec<_> = fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["build.log"]);
+
+        let o = OutputDir::prepare(&dir.path().join("none")).unwrap();
+        fs::write(o.path().join("hello"), "x").unwrap();
+        assert_eq!(o.commit_logs_only().unwrap(), None, "no log, nothing to keep");
+        assert!(!dir.path().join("none").exists());
     }
 
     #[test]

@@ -24,6 +24,16 @@ pub const DEFAULT_SCRATCH_MIB: u64 = 16384;
 /// Default limit for the build command.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;
 
+/// The most a recipe alone may ask of the host: (field, ceiling, the flag
+/// that goes beyond it). A recipe comes with the untrusted source; the
+/// command-line flags are the user's own choice and are not capped.
+pub const CEILINGS: [(&str, u64, &str); 4] = [
+    ("machine.cpus", 16, "--cpus"),
+    ("machine.memory_mib", 16_384, "--memory"),
+    ("machine.scratch_mib", 65_536, "--scratch"),
+    ("build.timeout_secs", 21_600, "--timeout"),
+];
+
 /// A build recipe as written.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -144,6 +154,26 @@ pub enum RecipeError {
         /// The parser's message, which names the field and line.
         message: String,
     },
+    /// The recipe asks for more of the host than a recipe alone may.
+    #[error("build recipe {}: field `{field}` = {value} is over what a recipe alone may ask of this host ({ceiling}); if you trust it, pass {flag} {value}", path.display())]
+    OverCeiling {
+        /// The recipe path.
+        path: PathBuf,
+        /// The field name.
+        field: &'static str,
+        /// The value asked for.
+        value: u64,
+        /// The ceiling.
+        ceiling: u64,
+        /// The flag that allows more.
+        flag: &'static str,
+    },
+    /// The recipe asks for network access the user did not grant.
+    #[error("build recipe {}: field `build.network` = \"nat\" asks for unrestricted network access (the build could reach this host's own services on 127.0.0.1, its network and the internet, unrecorded); a recipe alone cannot grant it: pass --network nat if you trust this source (docs/security.md)", path.display())]
+    NetworkNotGranted {
+        /// The recipe path.
+        path: PathBuf,
+    },
     /// A field has a value that is not allowed.
     #[error("invalid build recipe {}: field `{field}` = {value:?}: {expected}", path.display())]
     Field {
@@ -184,6 +214,28 @@ pub fn check_artifact_glob(glob: &str) -> Result<(), &'static str> {
 }
 
 impl BuildRecipe {
+    /// Checks what the recipe asks of the host against [`CEILINGS`] and the
+    /// network the user granted on the command line (`granted_nat`).
+    /// `overridden(field)` says which fields a flag set, which are the
+    /// user's own choice.
+    pub fn check_host_limits(&self, path: &Path, granted_nat: bool, overridden: impl Fn(&str) -> bool) -> Result<(), RecipeError> {
+        let asked = [
+            self.machine.cpus.map(u64::from),
+            self.machine.memory_mib.map(u64::from),
+            self.machine.scratch_mib,
+            Some(self.build.timeout_secs),
+        ];
+        for ((field, ceiling, flag), value) in CEILINGS.into_iter().zip(asked) {
+            if let Some(value) = value.filter(|v| *v > ceiling && !overridden(field)) {
+                return Err(RecipeError::OverCeiling { path: path.to_path_buf(), field, value, ceiling, flag });
+            }
+        }
+        if self.build.network == Network::Nat && !granted_nat {
+            return Err(RecipeError::NetworkNotGranted { path: path.to_path_buf() });
+        }
+        Ok(())
+    }
+
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<BuildRecipe, RecipeError> {
         let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read { path: path.to_path_buf(), source })?;
@@ -328,6 +380,24 @@ mod tests {
         assert!(e.contains("source_date_epoch"), "{e}");
         let e = field_error("[build]\ncommand = \"make\"\nartifacts = [\"a\"]\ntimeout_secs = 0\n");
         assert!(e.contains("build.timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn a_recipe_alone_cannot_take_the_host() {
+        let greedy = parse(&format!("{MINIMAL}network = \"nat\"\ntimeout_secs = 604800\n[machine]\ncpus = 64\nmemory_mib = 262144\nscratch_mib = 4194304\n")).unwrap();
+        let p = Path::new("src/reprovm.toml");
+        let e = greedy.check_host_limits(p, true, |_| false).unwrap_err().to_string();
+        assert!(e.contains("src/reprovm.toml") && e.contains("machine.cpus") && e.contains("64") && e.contains("--cpus 64"), "{e}");
+        let e = greedy.check_host_limits(p, true, |f| f == "machine.cpus").unwrap_err().to_string();
+        assert!(e.contains("machine.memory_mib") && e.contains("--memory 262144"), "{e}");
+        let e = greedy.check_host_limits(p, true, |f| f.starts_with("machine.cpus") || f == "machine.memory_mib").unwrap_err().to_string();
+        assert!(e.contains("machine.scratch_mib") && e.contains("4194304"), "{e}");
+        let e = greedy.check_host_limits(p, true, |f| f.starts_with("machine.")).unwrap_err().to_string();
+        assert!(e.contains("build.timeout_secs"), "{e}");
+        let e = greedy.check_host_limits(p, false, |_| true).unwrap_err().to_string();
+        assert!(e.contains("build.network") && e.contains("--network nat"), "{e}");
+        greedy.check_host_limits(p, true, |_| true).unwrap();
+        parse(MINIMAL).unwrap().check_host_limits(p, false, |_| false).unwrap();
     }
 
     #[test]

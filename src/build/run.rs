@@ -20,15 +20,19 @@ use crate::deadline::Deadline;
 use crate::guest::session::BUILD_USER;
 use crate::guest::{GuestError, GuestSession};
 use crate::host_tools::{make_ext4, Ext4Spec};
-use crate::image::{Pin, Store, StoredImage};
+use crate::escape::{escape, EscapingWriter};
+use crate::image::{Pin, Store, VerifiedImage};
+use crate::logs::{CappedLog, SharedLog};
 use crate::path_error::path_error;
-use crate::vm::machine::tail_of;
+use crate::logs::tail_of;
 use crate::vm::{AccelChoice, BootOptions, ExtraDisk, Machine, VmError};
 
 /// Mounts the scratch disk in the guest (run as root).
 const PREPARE_SCRIPT: &str = include_str!("../../provision/prepare-build");
-/// Collects the artifacts onto the output disk (run as root).
+/// Collects the artifacts onto the output disk (run as root)…
 const COLLECT_SCRIPT: &str = include_str!("../../provision/collect-artifacts");
+/// …after it made the build user list and archive them with this.
+const ARCHIVE_SCRIPT: &str = include_str!("../../provision/archive-artifacts");
 /// Serial numbers the guest scripts find the disks by.
 const SCRATCH_SERIAL: &str = "reprovm-scratch";
 const OUTPUT_SERIAL: &str = "reprovm-output";
@@ -58,6 +62,8 @@ pub struct BuildRequest {
     pub boot_timeout: Duration,
     /// The output directory.
     pub out: PathBuf,
+    /// The most bytes kept of build.log and of serial.log each.
+    pub log_limit: u64,
 }
 
 /// Where a build reports its stages: a spinner on a terminal, plain lines
@@ -178,20 +184,32 @@ fn guest_command(command: &str, env: &[(String, String)], root: bool) -> String 
     format!("cd {BUILD_DIR} && umask 022 && exec {user}env -i {} /bin/sh -c {}", env.join(" "), quote(command))
 }
 
-/// Copies everything written to it to build.log and to reprovm's stderr.
+/// Copies the build's output to build.log (raw, capped) and to reprovm's
+/// stderr (escaped, and only what fits under the log's cap).
 struct Tee {
-    log: File,
+    log: SharedLog,
+    stderr: EscapingWriter<io::Stderr>,
+}
+
+impl Tee {
+    fn new(log: &SharedLog) -> Tee {
+        Tee { log: log.clone(), stderr: EscapingWriter::new(io::stderr()) }
+    }
 }
 
 impl Write for Tee {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.log.write_all(buf)?;
-        let _ = io::stderr().write_all(buf);
+        let capped_before = self.log.omitted() > 0;
+        let kept = self.log.append(buf)?;
+        let _ = self.stderr.write_all(&buf[..kept]);
+        if kept < buf.len() && !capped_before {
+            let _ = self.stderr.flush();
+            eprintln!("\n[reprovm: the build's output passed --log-limit; the rest is not shown, and build.log keeps its last MiB]");
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        let _ = io::stderr().flush();
-        self.log.flush()
+        self.stderr.flush()
     }
 }
 
@@ -216,8 +234,20 @@ fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path:
     if status != 0 {
         return Err(BuildError::Prepare { status, output: format!("{out}{err}").trim().to_string(), serial_tail: String::new() });
     }
-    let log = File::create(log_path).map_err(path_error("create", log_path))?;
-    let tee = || log.try_clone().map(|log| Tee { log }).map_err(path_error("write", log_path));
+    let log = SharedLog::new(CappedLog::create(log_path, req.log_limit).map_err(path_error("create", log_path))?);
+    let result = guest_commands(session, req, epoch, &log, log_path);
+    let omitted = log.omitted();
+    drop(log);
+    if omitted > 0 {
+        tracing::warn!("build.log capped at {} MiB (--log-limit): {omitted} bytes of output left out, its last MiB kept", req.log_limit >> 20);
+    }
+    result.map(|build| GuestOutcome { prepare: start.elapsed() - build, build })
+}
+
+/// The provision commands (as root), then the build command (as the build
+/// user); returns how long the build command took.
+fn guest_commands(session: &GuestSession, req: &BuildRequest, epoch: i64, log: &SharedLog, log_path: &Path) -> Result<Duration, BuildError> {
+    let tee = || Tee::new(log);
     let recipe = &req.recipe;
     let limit = Deadline::after(Duration::from_secs(recipe.build.timeout_secs));
     let log_tail = || tail_of(log_path, 30);
@@ -228,26 +258,25 @@ fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path:
     let root_env = build_env(recipe, epoch, true);
     for (i, command) in recipe.build.provision.iter().enumerate() {
         let line = guest_command(command, &root_env, true);
-        let status = session.exec_until(&line, Some((limit, "the provision commands")), &mut tee()?, &mut tee()?).map_err(timed)?;
+        let status = session.exec_until(&line, Some((limit, "the provision commands")), &mut tee(), &mut tee()).map_err(timed)?;
         if status != 0 {
             return Err(BuildError::Provision { index: i + 1, command: command.clone(), status, log_tail: log_tail() });
         }
     }
-    let prepare = start.elapsed();
     let start = Instant::now();
     let line = guest_command(&recipe.build.command, &build_env(recipe, epoch, false), false);
-    tracing::debug!("build command line: {line}");
-    let status = session.exec_until(&line, Some((limit, "the build command")), &mut tee()?, &mut tee()?).map_err(timed)?;
+    tracing::debug!("build command line: {}", escape(&line));
+    let status = session.exec_until(&line, Some((limit, "the build command")), &mut tee(), &mut tee()).map_err(timed)?;
     if status != 0 {
         return Err(BuildError::Command { status, log_tail: log_tail() });
     }
-    Ok(GuestOutcome { prepare, build: start.elapsed() })
+    Ok(start.elapsed())
 }
 
 /// Collects the artifacts onto the output disk (over SSH, blocking), within
 /// the build's own time limit.
 fn guest_collect(session: &GuestSession, limit: Duration) -> Result<(), BuildError> {
-    let collect = format!("bash -c {}", quote(COLLECT_SCRIPT));
+    let collect = format!("bash -c {} collect-artifacts {}", quote(COLLECT_SCRIPT), quote(ARCHIVE_SCRIPT));
     let (status, out, err) =
         session.exec_capture_until(&collect, Some((Deadline::after(limit), "the artifacts to be collected"))).map_err(ssh_failure)?;
     let problems: Vec<String> = out
@@ -324,9 +353,8 @@ pub async fn run(req: BuildRequest, progress: &dyn Progress) -> Result<BuildResu
             Ok(result)
         }
         Err(e) => {
-            if output.path().join("build.log").exists() {
-                let _ = output.commit();
-            }
+            // Only the logs: never an artifact, SHA256SUMS or result.json.
+            let _ = output.commit_logs_only();
             Err(e)
         }
     }
@@ -339,13 +367,13 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
     progress.begin("verifying the image", false);
     let start = Instant::now();
     let (store, pin) = (req.store.clone(), req.image);
-    let image: StoredImage = blocking(move || store.open_verified(pin)).await?;
+    let image: VerifiedImage = blocking(move || store.open_verified(pin)).await?;
     timings.image_verify = start.elapsed().as_secs_f64();
     progress.end(&format!("image {} verified", req.image), start.elapsed());
 
     progress.begin("archiving the source", false);
     let start = Instant::now();
-    let image_date = image.layout.metadata.source_date_epoch;
+    let image_date = image.stored.layout.metadata.source_date_epoch;
     let pinned_clock = req.recipe.machine.clock.unwrap_or(image_date);
     let prepared = {
         let req = req.clone();
@@ -383,13 +411,14 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
             ExtraDisk { path: prepared.disks.output(), serial: OUTPUT_SERIAL.into() },
         ],
         network: req.recipe.build.network,
+        log_limit: req.log_limit,
     };
     let mut machine = Machine::boot(&image, &opts).await?;
     timings.boot = machine.boot_time.as_secs_f64();
     progress.end(&format!("builder booted under {}, SSH ready", machine.launched.accelerator.as_str()), machine.boot_time);
 
     progress.begin("building", true);
-    tracing::info!("building: {}", req.recipe.build.command);
+    tracing::info!("building: {}", escape(&req.recipe.build.command));
     let log_path = output.path().join("build.log");
     let serial_copy = output.path().join("serial.log");
     let (req_copy, epoch) = (req.clone(), prepared.epoch);
@@ -420,7 +449,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
         reprovm_version: env!("CARGO_PKG_VERSION").to_string(),
         inputs: Inputs {
             image: req.image.to_string(),
-            image_name: image.layout.metadata.name.clone(),
+            image_name: image.stored.layout.metadata.name.clone(),
             source: prepared.source,
             source_date_epoch: prepared.epoch,
             source_date_epoch_from: prepared.epoch_from.to_string(),

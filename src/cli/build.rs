@@ -16,6 +16,7 @@ use crate::build::compare::{all_identical, compare_rows, differing_inputs, rende
 use crate::build::{run, BuildRecipe, BuildRequest, BuildResult, Progress, Record, RECIPE_FILE};
 use crate::cli::run::resolve_image;
 use crate::cli::{Error, MachineArgs};
+use crate::escape::escape;
 use crate::image::Store;
 use crate::vm::Network;
 use crate::Exit;
@@ -38,7 +39,8 @@ pub struct BuildArgs {
     /// Scratch disk in MiB (overrides machine.scratch_mib).
     #[arg(long, value_name = "MIB")]
     pub scratch: Option<u64>,
-    /// Network during the build (overrides build.network).
+    /// Network during the build (overrides build.network). A recipe's
+    /// `network = "nat"` needs `--network nat`: only the user can grant it.
     #[arg(long, value_enum)]
     pub network: Option<Network>,
     /// Limit for the build in seconds (overrides build.timeout_secs).
@@ -91,6 +93,14 @@ fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
         return Err(Error::Usage(format!("source directory {} does not exist", args.src.display())));
     }
     let m = &args.machine;
+    let overridden = |field: &str| match field {
+        "machine.cpus" => m.cpus.is_some(),
+        "machine.memory_mib" => m.memory.is_some(),
+        "machine.scratch_mib" => args.scratch.is_some(),
+        "build.timeout_secs" => args.timeout.is_some(),
+        _ => false,
+    };
+    recipe.check_host_limits(&recipe_file, args.network == Some(Network::Nat), overridden)?;
     let section = &mut recipe.machine;
     section.cpu_model = m.cpu_model.clone().or(section.cpu_model.take());
     section.cpus = m.cpus.or(section.cpus);
@@ -116,6 +126,7 @@ fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
         store,
         qemu: m.qemu.clone(),
         boot_timeout: Duration::from_secs(m.boot_timeout),
+        log_limit: m.log_limit << 20,
     })
 }
 
@@ -152,7 +163,7 @@ fn diffoscope_reports(rows: &[crate::build::compare::Row], expected_dir: &Path, 
     for path in differing {
         let expected = expected_dir.join(path);
         if !expected.is_file() {
-            eprintln!("no diffoscope report for {path}: the expected copy {} is not there", expected.display());
+            eprintln!("no diffoscope report for {}: the expected copy {} is not there", escape(path), escape(&expected.display().to_string()));
             continue;
         }
         let report = out.join("diffoscope").join(format!("{path}.txt"));
@@ -161,14 +172,14 @@ fn diffoscope_reports(rows: &[crate::build::compare::Row], expected_dir: &Path, 
         }
         let status = Command::new("diffoscope").arg("--text").arg(&report).arg(&expected).arg(out.join(path)).stdin(Stdio::null()).status();
         match status {
-            Ok(_) => eprintln!("diffoscope report for {path}: {}", report.display()),
-            Err(e) => eprintln!("diffoscope failed on {path}: {e}"),
+            Ok(_) => eprintln!("diffoscope report for {}: {}", escape(path), report.display()),
+            Err(e) => eprintln!("diffoscope failed on {}: {e}", escape(path)),
         }
     }
 }
 
 /// `reprovm verify`: exit 0 when every artifact is identical, 1 otherwise.
-pub async fn verify(args: BuildArgs, expect: PathBuf) -> Result<u8, Error> {
+pub async fn verify(args: BuildArgs, expect: PathBuf, diffoscope: bool) -> Result<u8, Error> {
     let expected = Record::load(&expect)?;
     let req = request(&args)?;
     if let (Ok(e), Ok(o)) = (std::fs::canonicalize(&expect), std::fs::canonicalize(&req.out)) {
@@ -201,7 +212,11 @@ pub async fn verify(args: BuildArgs, expect: PathBuf) -> Result<u8, Error> {
     let bad = rows.iter().filter(|r| r.status != Status::Identical).count();
     eprintln!("{bad} of {} artifacts do not match {}", rows.len(), expect.display());
     eprint!("{}", render_inputs(&differing_inputs(&[&expected, &actual]), &["expected".into(), "rebuilt".into()]));
-    diffoscope_reports(&rows, expect.parent().unwrap_or(Path::new(".")), &out);
+    if diffoscope {
+        diffoscope_reports(&rows, expect.parent().unwrap_or(Path::new(".")), &out);
+    } else {
+        eprintln!("(--diffoscope shows what differs inside each artifact; it opens them on this host, see docs/security.md)");
+    }
     Ok(Exit::Differ.code())
 }
 

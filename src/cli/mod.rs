@@ -56,6 +56,12 @@ pub enum Commands {
         /// The published SHA256SUMS or result.json.
         #[arg(long, value_name = "FILE")]
         expect: PathBuf,
+        /// Run diffoscope on each differing artifact (reports in OUT/diffoscope/).
+        /// diffoscope opens the rebuilt and the published files on this host
+        /// with dozens of external tools: ask for it only for files you are
+        /// willing to open (docs/security.md).
+        #[arg(long)]
+        diffoscope: bool,
     },
     /// Compare recorded results (result.json or SHA256SUMS) of several
     /// builders without rebuilding; exit 1 when they differ.
@@ -100,6 +106,10 @@ pub struct MachineArgs {
     /// Seconds allowed from QEMU start to an authenticated SSH session.
     #[arg(long, default_value_t = 300)]
     pub boot_timeout: u64,
+    /// Keep at most this many MiB of build.log and of serial.log each (and
+    /// of the build output shown live); past it the log's last MiB is kept.
+    #[arg(long, value_name = "MIB", default_value_t = crate::logs::DEFAULT_LOG_LIMIT_MIB, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub log_limit: u64,
 }
 
 fn parse_cpu_model(value: &str) -> Result<String, String> {
@@ -230,15 +240,20 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("REPROVM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal, and never with NO_COLOR set
+    // (https://no-color.org): logs piped to a file stay plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()
         .init();
 }
 
-/// Prints an error and its chain of causes to stderr, once.
+/// Prints an error and its chain of causes to stderr, once. Errors quote
+/// names, logs and consoles from outside, so the text is escaped.
 pub fn report(err: &(dyn std::error::Error + 'static)) {
     let mut text = format!("error: {err}");
     let mut source = err.source();
@@ -246,7 +261,7 @@ pub fn report(err: &(dyn std::error::Error + 'static)) {
         text.push_str(&format!("\n  caused by: {cause}"));
         source = cause.source();
     }
-    eprintln!("{text}");
+    eprintln!("{}", crate::escape::escape(&text));
 }
 
 /// Runs the command and returns the process exit code. A signal cancels the
@@ -262,7 +277,7 @@ pub async fn run(args: Args) -> u8 {
             Commands::Run { machine, command } => run::run(machine, command).await,
             Commands::Shell { machine } => run::shell(machine).await,
             Commands::Build(args) => build::build(args).await,
-            Commands::Verify { build: args, expect } => build::verify(args, expect).await,
+            Commands::Verify { build: args, expect, diffoscope } => build::verify(args, expect, diffoscope).await,
             Commands::Compare { results } => build::compare(results),
         }
     };

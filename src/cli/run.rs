@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use crate::build::recipe::MachineSection;
 use crate::cli::{parse_pin, Error, MachineArgs};
+use crate::escape::EscapingWriter;
 use crate::guest::session::as_build_user;
 use crate::guest::{GuestError, GuestSession};
-use crate::image::{Pin, Store, StoredImage};
-use crate::vm::machine::tail_of;
+use crate::image::{Pin, Store, VerifiedImage};
+use crate::logs::tail_of;
 use crate::vm::{AccelChoice, BootOptions, Machine, Network, VmError};
 
 /// Picks the image: the pin given, else the store's only image (with
@@ -37,7 +38,7 @@ pub fn resolve_image(store: &Store, pin: Option<&str>, name: Option<&str>) -> Re
 }
 
 /// Verifies the image (re-hashing it) on a blocking thread.
-pub async fn verified_image(store: Store, pin: Pin) -> Result<StoredImage, Error> {
+pub async fn verified_image(store: Store, pin: Pin) -> Result<VerifiedImage, Error> {
     let start = Instant::now();
     let image = tokio::task::spawn_blocking(move || store.open_verified(pin)).await.expect("hash thread panicked")?;
     tracing::info!("image {pin} verified in {:.2}s", start.elapsed().as_secs_f64());
@@ -45,16 +46,17 @@ pub async fn verified_image(store: Store, pin: Pin) -> Result<StoredImage, Error
 }
 
 /// Boot options from the machine flags, the clock defaulting to the image's date.
-pub fn boot_options(args: &MachineArgs, image: &StoredImage) -> BootOptions {
+pub fn boot_options(args: &MachineArgs, image: &VerifiedImage) -> BootOptions {
     BootOptions {
         spec: MachineSection { cpu_model: args.cpu_model.clone(), cpus: args.cpus, memory_mib: args.memory, ..MachineSection::default() }
-            .spec(args.clock.unwrap_or(image.layout.metadata.source_date_epoch)),
+            .spec(args.clock.unwrap_or(image.stored.layout.metadata.source_date_epoch)),
         accel: args.accel.unwrap_or(AccelChoice::Auto),
         qemu: args.qemu.clone(),
         boot_timeout: Duration::from_secs(args.boot_timeout),
         runtime_dir: std::env::temp_dir(),
         disks: Vec::new(),
         network: Network::None,
+        log_limit: args.log_limit << 20,
     }
 }
 
@@ -89,7 +91,17 @@ pub async fn run(args: MachineArgs, command: Vec<String>) -> Result<u8, Error> {
     let line = shlex::try_join(command.iter().map(String::as_str)).map_err(|_| Error::BadCommand)?;
     let wrapped = as_build_user(&line);
     let machine = boot(&args).await?;
-    in_session(machine, move |session| session.exec(&wrapped, &mut io::stdout(), &mut io::stderr())).await
+    in_session(machine, move |session| session.exec(&wrapped, &mut to_terminal(io::stdout()), &mut to_terminal(io::stderr()))).await
+}
+
+/// `stream` itself when it goes to a file or a pipe (the guest's bytes
+/// as they are), escaped when it is a terminal.
+fn to_terminal<W: Write + IsTerminal + Send + 'static>(stream: W) -> Box<dyn Write + Send> {
+    if stream.is_terminal() {
+        Box::new(EscapingWriter::new(stream))
+    } else {
+        Box::new(stream)
+    }
 }
 
 /// Puts the terminal in raw mode until dropped.

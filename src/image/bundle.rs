@@ -153,7 +153,13 @@ pub enum BundleError {
 
 /// Reads and validates the table of contents of the bundle at `path`.
 pub fn read_layout(path: &Path) -> Result<BundleLayout, BundleError> {
-    let mut file = File::open(path).map_err(BundleError::Read)?;
+    layout_of(&File::open(path).map_err(BundleError::Read)?)
+}
+
+/// Reads and validates the table of contents of an open bundle (from its
+/// start, whatever the file offset was).
+pub fn layout_of(mut file: &File) -> Result<BundleLayout, BundleError> {
+    file.seek(SeekFrom::Start(0)).map_err(BundleError::Read)?;
     let file_size = file.metadata().map_err(BundleError::Read)?.len();
     let mut extents = Vec::with_capacity(MEMBERS.len());
     {
@@ -197,7 +203,7 @@ pub fn read_layout(path: &Path) -> Result<BundleLayout, BundleError> {
 }
 
 /// Copies one member's bytes out of an open bundle into `dest`.
-pub fn copy_member(bundle: &mut File, extent: Extent, dest: &mut impl Write) -> io::Result<()> {
+pub fn copy_member(mut bundle: &File, extent: Extent, dest: &mut impl Write) -> io::Result<()> {
     bundle.seek(SeekFrom::Start(extent.offset))?;
     let copied = io::copy(&mut bundle.take(extent.size), dest)?;
     if copied != extent.size {

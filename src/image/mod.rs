@@ -10,4 +10,4 @@ pub mod recipe;
 pub mod store;
 
 pub use pin::Pin;
-pub use store::{Store, StoreError, StoredImage};
+pub use store::{Store, StoreError, StoredImage, VerifiedImage};

@@ -5,12 +5,13 @@
 
 use std::fs::{self, File, Permissions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::image::bundle::{self, BundleError, BundleLayout};
-use crate::image::pin::{hash_file, hash_reader, Pin};
+use crate::image::pin::{hash_reader, Pin};
 use crate::path_error::{path_error, PathError};
 use crate::Exit;
 
@@ -82,6 +83,18 @@ pub struct StoredImage {
     pub layout: BundleLayout,
 }
 
+/// A bundle proven to match its pin, with the open file that was hashed:
+/// everything booted from it (the kernel, the initrd, the root filesystem
+/// QEMU reads through `/dev/fdset`) comes from these very bytes, not from
+/// a path that could have been swapped after the check.
+#[derive(Clone, Debug)]
+pub struct VerifiedImage {
+    /// The store entry.
+    pub stored: StoredImage,
+    /// The bundle, opened read-only, as hashed.
+    pub file: Arc<File>,
+}
+
 /// The image store rooted at one directory.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -131,7 +144,12 @@ impl Store {
         expected: Option<Pin>,
         mut progress: impl FnMut(u64),
     ) -> Result<StoredImage, StoreError> {
-        fs::create_dir_all(&self.root).map_err(path_error("create the store directory", &self.root))?;
+        // Private to its owner: nobody else may read, add or swap entries.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(path_error("create the store directory", &self.root))?;
         let incoming = tempfile::Builder::new()
             .prefix(INCOMING_PREFIX)
             .tempdir_in(&self.root)
@@ -162,7 +180,7 @@ impl Store {
                 Ok(()) => {
                     // The entry is in place: the temporary directory is gone.
                     let _ = incoming.keep();
-                    fs::set_permissions(&entry, Permissions::from_mode(0o555))
+                    fs::set_permissions(&entry, Permissions::from_mode(0o500))
                         .map_err(path_error("make read-only", &entry))?;
                 }
                 // Another process put the same bundle in place first: keep theirs.
@@ -207,15 +225,24 @@ impl Store {
         pins.into_iter().map(|pin| self.stored(pin)).collect()
     }
 
-    /// Re-hashes the entry for `pin` and proves the bytes match it. This is
-    /// the one gate every boot passes: nothing is booted that fails it.
-    pub fn open_verified(&self, pin: Pin) -> Result<StoredImage, StoreError> {
-        let image = self.stored(pin)?;
-        let actual = hash_file(&image.path).map_err(path_error("hash", &image.path))?;
+    /// Opens the entry for `pin` once, re-hashes the bytes through that
+    /// descriptor and proves they match the pin. This is the one gate every
+    /// boot passes: nothing is booted that fails it, and what is booted is
+    /// read through the descriptor that was hashed.
+    pub fn open_verified(&self, pin: Pin) -> Result<VerifiedImage, StoreError> {
+        let path = self.entry_dir(&pin).join(BUNDLE_FILE);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound { pin, root: self.root.clone() }),
+            Err(e) => return Err(path_error("open", &path)(e).into()),
+        };
+        let (actual, size) = hash_reader(&file, |_| Ok(())).map_err(path_error("hash", &path))?;
         if actual != pin {
-            return Err(StoreError::PinMismatch { what: image.path.display().to_string(), expected: pin, actual });
+            return Err(StoreError::PinMismatch { what: path.display().to_string(), expected: pin, actual });
         }
-        Ok(image)
+        let layout = bundle::layout_of(&file).map_err(|source| StoreError::Bundle { path: path.clone(), source })?;
+        let added = file.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(VerifiedImage { stored: StoredImage { pin, path, size, added, layout }, file: Arc::new(file) })
     }
 }
 
@@ -223,6 +250,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::image::bundle::tests::sample_bundle;
+    use crate::image::pin::hash_file;
 
     #[test]
     fn import_list_and_verify() {
@@ -233,8 +261,11 @@ mod tests {
         let stored = store.import(&bundle, Some(pin)).unwrap();
         assert_eq!(stored.pin, pin);
         assert_eq!(fs::metadata(&stored.path).unwrap().permissions().mode() & 0o777, 0o444);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(store.root()), 0o700, "the store is private to its owner");
+        assert_eq!(mode(stored.path.parent().unwrap()), 0o500, "entries are private and read-only");
         assert_eq!(store.list().unwrap().len(), 1);
-        assert_eq!(store.open_verified(pin).unwrap().pin, pin);
+        assert_eq!(store.open_verified(pin).unwrap().stored.pin, pin);
         // A second import of the same bytes is a no-op.
         store.import(&bundle, None).unwrap();
         assert_eq!(store.list().unwrap().len(), 1);

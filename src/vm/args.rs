@@ -105,8 +105,9 @@ pub struct LaunchPlan {
     pub spec: MachineSpec,
     /// The accelerator.
     pub accel: Accelerator,
-    /// The verified bundle file (opened read-only).
-    pub bundle: PathBuf,
+    /// The verified bundle's open descriptor, inherited by QEMU and added to
+    /// fd set 1: QEMU reads the very bytes that were hashed.
+    pub bundle_fd: i32,
     /// Where the root filesystem lies inside the bundle.
     pub rootfs: Extent,
     /// The throw-away qcow2 overlay on top of it.
@@ -117,8 +118,9 @@ pub struct LaunchPlan {
     pub initrd: PathBuf,
     /// QMP socket path.
     pub qmp_socket: PathBuf,
-    /// Serial console log path.
-    pub serial_log: PathBuf,
+    /// Unix socket reprovm listens on; QEMU connects the serial console to it
+    /// (reprovm writes the capped serial log).
+    pub serial_socket: PathBuf,
     /// Host port forwarded (on 127.0.0.1 only) to the guest's port 22.
     pub ssh_port: u16,
     /// fw_cfg files: (name under opt/reprovm/, host path).
@@ -127,7 +129,14 @@ pub struct LaunchPlan {
     pub disks: Vec<ExtraDisk>,
     /// Network access.
     pub network: Network,
+    /// Confine QEMU with its seccomp sandbox (off only for a QEMU built
+    /// without seccomp support).
+    pub sandbox: bool,
 }
+
+/// QEMU's seccomp filter: no obsolete system calls, no privilege changes,
+/// no new processes, no scheduler or affinity changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// RTC base in QEMU's format (`2024-11-25T00:00:00`).
 pub fn rtc_base(clock: i64) -> String {
@@ -150,12 +159,16 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
     push(&["-rtc", &format!("base={},clock=vm", rtc_base(spec.clock))]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
     push(&["-action", "panic=none"]);
-    push(&["-chardev", &format!("file,id=serial0,path={}", p(&plan.serial_log))]);
+    if plan.sandbox {
+        push(&["-sandbox", SANDBOX]);
+    }
+    push(&["-chardev", &format!("socket,id=serial0,path={},server=off", p(&plan.serial_socket))]);
     push(&["-serial", "chardev:serial0"]);
     push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", p(&plan.qmp_socket))]);
     push(&["-mon", "chardev=qmp,mode=control"]);
     push(&["-kernel", &p(&plan.kernel), "-initrd", &p(&plan.initrd), "-append", KERNEL_CMDLINE]);
-    push(&["-blockdev", &format!("driver=file,node-name=bundle,filename={},read-only=on", p(&plan.bundle))]);
+    push(&["-add-fd", &format!("fd={},set=1,opaque=reprovm-bundle", plan.bundle_fd)]);
+    push(&["-blockdev", "driver=file,node-name=bundle,filename=/dev/fdset/1,read-only=on"]);
     push(&[
         "-blockdev",
         &format!(
@@ -200,17 +213,18 @@ mod tests {
         LaunchPlan {
             spec: MachineSpec { cpu_model: "Nehalem-v1".into(), cpus: 2, memory_mib: 2048, clock: 1_732_492_800 },
             accel,
-            bundle: "/store/abc/bundle.img".into(),
+            bundle_fd: 7,
             rootfs: Extent { offset: 71680, size: 1048576 },
             overlay: run.join("overlay.qcow2"),
             kernel: run.join("vmlinux"),
             initrd: run.join("initrd.img"),
             qmp_socket: run.join("qmp.sock"),
-            serial_log: run.join("serial.log"),
+            serial_socket: run.join("serial.sock"),
             ssh_port: 40022,
             fw_cfg: vec![("authorized_keys".into(), run.join("authorized_keys"))],
             disks: vec![],
             network: Network::None,
+            sandbox: true,
         }
     }
 
@@ -226,12 +240,14 @@ mod tests {
             "-rtc base=2024-11-25T00:00:00,clock=vm",
             "-nodefaults -no-user-config -display none -no-reboot",
             "-action panic=none",
-            "-chardev file,id=serial0,path=/tmp/reprovm-run-X/serial.log",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-chardev socket,id=serial0,path=/tmp/reprovm-run-X/serial.sock,server=off",
             "-serial chardev:serial0",
             "-chardev socket,id=qmp,path=/tmp/reprovm-run-X/qmp.sock,server=on,wait=off",
             "-mon chardev=qmp,mode=control",
             &format!("-kernel /tmp/reprovm-run-X/vmlinux -initrd /tmp/reprovm-run-X/initrd.img -append {KERNEL_CMDLINE}"),
-            "-blockdev driver=file,node-name=bundle,filename=/store/abc/bundle.img,read-only=on",
+            "-add-fd fd=7,set=1,opaque=reprovm-bundle",
+            "-blockdev driver=file,node-name=bundle,filename=/dev/fdset/1,read-only=on",
             "-blockdev driver=raw,node-name=base,file=bundle,offset=71680,size=1048576,read-only=on",
             "-blockdev driver=file,node-name=overlay-file,filename=/tmp/reprovm-run-X/overlay.qcow2",
             "-blockdev driver=qcow2,node-name=root,file=overlay-file,backing=base",

@@ -7,7 +7,9 @@
 
 use std::fs::{self, File, Permissions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,7 +20,8 @@ use tempfile::TempDir;
 use crate::deadline::{Deadline, Timeout};
 use crate::guest::{FactsError, GuestError, GuestFacts, GuestSession, RunKeys};
 use crate::image::bundle;
-use crate::image::StoredImage;
+use crate::image::VerifiedImage;
+use crate::logs::{section, tail_of, CappedLog};
 use crate::path_error::{path_error, PathError};
 use crate::process::Supervised;
 use crate::vm::accel::{candidates, probe_kvm, AccelChoice};
@@ -52,6 +55,8 @@ pub struct BootOptions {
     pub disks: Vec<ExtraDisk>,
     /// Network access.
     pub network: Network,
+    /// The most bytes of the serial console kept in serial.log.
+    pub log_limit: u64,
 }
 
 /// The machine as launched, for the result.
@@ -150,22 +155,6 @@ pub enum VmError {
     Keys(#[from] crate::guest::keys::KeyError),
 }
 
-/// `body` under a `--- title ---` line, for error messages (empty when `body` is).
-pub(crate) fn section(title: &str, body: &str) -> String {
-    if body.trim().is_empty() {
-        String::new()
-    } else {
-        format!("\n--- {title} ---\n{}", body.trim_end())
-    }
-}
-
-/// The last `lines` lines of a text file (empty if unreadable).
-pub fn tail_of(path: &Path, lines: usize) -> String {
-    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// A free TCP port on 127.0.0.1 (QEMU binds it right after; a lost race
 /// makes QEMU fail and the caller retry with another port).
 fn free_port() -> io::Result<u16> {
@@ -187,8 +176,37 @@ pub struct Machine {
     pub guest_clock: i64,
     /// How long the boot took, up to the authenticated session.
     pub boot_time: Duration,
+    _serial: SerialCapture,
     // Declared last: removed after QEMU is gone.
     run_dir: TempDir,
+}
+
+/// The serial console's reader. QEMU connects the console to a socket
+/// reprovm listens on, and everything the guest prints goes to serial.log,
+/// capped (a guest printing gigabytes costs the host a bounded file).
+struct SerialCapture(tokio::task::JoinHandle<()>);
+
+impl SerialCapture {
+    fn listen(socket: &Path, log: &Path, limit: u64) -> Result<SerialCapture, VmError> {
+        let _ = fs::remove_file(socket);
+        let listener = tokio::net::UnixListener::bind(socket).map_err(path_error("listen on", socket))?;
+        let mut log = CappedLog::create(log, limit).map_err(path_error("create", log))?;
+        Ok(SerialCapture(tokio::spawn(async move {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n @ 1..) = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                if log.append(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        })))
+    }
+}
+
+impl Drop for SerialCapture {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The per-run files of one boot attempt.
@@ -197,17 +215,17 @@ struct RunFiles {
     keys: RunKeys,
     key_files: Vec<PathBuf>,
     qemu_log: PathBuf,
+    serial_log: PathBuf,
 }
 
-fn prepare(image: &StoredImage, opts: &BootOptions, accel: Accelerator, dir: &Path) -> Result<RunFiles, VmError> {
-    let layout = &image.layout;
-    let mut bundle_file = File::open(&image.path).map_err(path_error("open", &image.path))?;
+fn prepare(image: &VerifiedImage, opts: &BootOptions, accel: Accelerator, sandbox: bool, dir: &Path) -> Result<RunFiles, VmError> {
+    let layout = &image.stored.layout;
     let kernel = dir.join("vmlinux");
     let initrd = dir.join("initrd.img");
     for (path, extent) in [(&kernel, layout.kernel), (&initrd, layout.initrd)] {
         if !path.exists() {
             let mut out = File::create(path).map_err(path_error("create", path))?;
-            bundle::copy_member(&mut bundle_file, extent, &mut out).map_err(path_error("copy the kernel and initrd to", path))?;
+            bundle::copy_member(&image.file, extent, &mut out).map_err(path_error("copy the kernel and initrd to", path))?;
         }
     }
     let overlay = dir.join("overlay.qcow2");
@@ -237,13 +255,13 @@ fn prepare(image: &StoredImage, opts: &BootOptions, accel: Accelerator, dir: &Pa
     let plan = LaunchPlan {
         spec: opts.spec.clone(),
         accel,
-        bundle: image.path.clone(),
+        bundle_fd: image.file.as_raw_fd(),
         rootfs: layout.rootfs,
         overlay,
         kernel,
         initrd,
         qmp_socket: dir.join("qmp.sock"),
-        serial_log: dir.join("serial.log"),
+        serial_socket: dir.join("serial.sock"),
         ssh_port: free_port().map_err(path_error("find a free port on", Path::new("127.0.0.1")))?,
         fw_cfg: key_files
             .iter()
@@ -251,21 +269,23 @@ fn prepare(image: &StoredImage, opts: &BootOptions, accel: Accelerator, dir: &Pa
             .collect(),
         disks: opts.disks.clone(),
         network: opts.network,
+        sandbox,
     };
-    Ok(RunFiles { plan, keys, key_files, qemu_log: dir.join("qemu.log") })
+    Ok(RunFiles { plan, keys, key_files, qemu_log: dir.join("qemu.log"), serial_log: dir.join("serial.log") })
 }
 
 /// A booted QEMU whose guest reached init, before SSH.
 struct Started {
     qemu: Supervised,
     qmp: Qmp,
+    serial: SerialCapture,
     started: Instant,
 }
 
 impl Machine {
     /// Boots the builder from `image` (which the caller got from
     /// [`crate::image::Store::open_verified`]) and waits for SSH.
-    pub async fn boot(image: &StoredImage, opts: &BootOptions) -> Result<Machine, VmError> {
+    pub async fn boot(image: &VerifiedImage, opts: &BootOptions) -> Result<Machine, VmError> {
         let boot_start = Instant::now();
         let tmp = &opts.runtime_dir;
         let run_dir = tempfile::Builder::new()
@@ -278,11 +298,17 @@ impl Machine {
         let deadline = Deadline::after(opts.boot_timeout);
         let mut attempt = 0;
         let mut accel_index = 0;
+        let mut sandbox = true;
         let (files, started) = loop {
             let accel = accels[accel_index];
-            let files = prepare(image, opts, accel, run_dir.path())?;
+            let files = prepare(image, opts, accel, sandbox, run_dir.path())?;
             match start_qemu(&files, opts, deadline).await {
                 Ok(started) => break (files, started),
+                // A QEMU built without seccomp cannot confine itself.
+                Err(VmError::QemuExited { ref qemu_log, .. }) if sandbox && qemu_log.contains("seccomp") => {
+                    tracing::warn!("{} has no seccomp sandbox: running it unconfined", opts.qemu.display());
+                    sandbox = false;
+                }
                 // Port taken between our probe and QEMU's bind: try another.
                 Err(VmError::QemuExited { ref qemu_log, .. }) if qemu_log.contains("host forwarding") && attempt < 3 => {
                     attempt += 1;
@@ -293,18 +319,18 @@ impl Machine {
                     if accel_index + 1 == accels.len() {
                         return Err(VmError::KvmFailed(Box::new(e)));
                     }
-                    tracing::warn!("KVM is present but the builder does not boot under it; falling back to TCG: {e}");
+                    tracing::warn!("KVM is present but the builder does not boot under it; falling back to TCG: {}", crate::escape::escape(&e.to_string()));
                     accel_index += 1;
                 }
                 Err(e) => return Err(e),
             }
         };
-        let Started { mut qemu, mut qmp, started } = started;
+        let Started { mut qemu, mut qmp, serial, started } = started;
         // QEMU has read the fw_cfg files: the keys leave the disk now.
         for path in &files.key_files {
             let _ = fs::remove_file(path);
         }
-        let serial_log = files.plan.serial_log.clone();
+        let serial_log = files.serial_log.clone();
         let session = wait_for_ssh(&mut qemu, &mut qmp, files.plan.ssh_port, files.keys, &serial_log, &files.qemu_log, deadline).await?;
         let boot_time = boot_start.elapsed();
         let (session, facts) = tokio::task::spawn_blocking(move || GuestFacts::collect(&session).map(|f| (session, f)))
@@ -323,7 +349,7 @@ impl Machine {
         };
         tracing::info!("builder ready in {:.1}s under {} (SSH on 127.0.0.1:{})", boot_time.as_secs_f64(), launched.accelerator.as_str(), files.plan.ssh_port);
         let ssh_port = files.plan.ssh_port;
-        Ok(Machine { qemu, qmp, session: Some(session), ssh_port, serial_log, launched, facts, guest_clock, boot_time, run_dir })
+        Ok(Machine { qemu, qmp, session: Some(session), ssh_port, serial_log, launched, facts, guest_clock, boot_time, _serial: serial, run_dir })
     }
 
     /// The per-run directory (overlay, sockets, logs).
@@ -397,11 +423,24 @@ impl Machine {
 /// Starts QEMU for `files` and waits until the guest's init runs.
 async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) -> Result<Started, VmError> {
     let plan = &files.plan;
-    let _ = fs::remove_file(&plan.serial_log);
+    let serial_log = &files.serial_log;
     let _ = fs::remove_file(&plan.qmp_socket);
+    let serial = SerialCapture::listen(&plan.serial_socket, serial_log, opts.log_limit)?;
     let log = File::create(&files.qemu_log).map_err(path_error("create", &files.qemu_log))?;
     let mut cmd = Command::new(&opts.qemu);
     cmd.args(qemu_args(plan)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    let bundle_fd = plan.bundle_fd;
+    // SAFETY: fcntl(2) is async-signal-safe; only the child's copy of the
+    // descriptor loses close-on-exec, so QEMU inherits the verified bundle.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(bundle_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(bundle_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     tracing::debug!("QEMU command line: {} {}", opts.qemu.display(), shlex::try_join(qemu_args(plan).iter().map(|a| a.to_str().unwrap_or("?"))).unwrap_or_default());
     let mut qemu = Supervised::spawn("QEMU", &mut cmd).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => VmError::MissingProgram { program: opts.qemu.display().to_string(), package: "qemu-system-x86" },
@@ -413,7 +452,7 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
         Err(e) => {
             let _ = qemu.wait_for(Duration::from_millis(500));
             if let Some(status) = qemu.try_wait().ok().flatten() {
-                return Err(VmError::QemuExited { status: status.to_string(), qemu_log: tail_of(&files.qemu_log, 20), serial_tail: tail_of(&plan.serial_log, 30) });
+                return Err(VmError::QemuExited { status: status.to_string(), qemu_log: tail_of(&files.qemu_log, 20), serial_tail: tail_of(serial_log, 30) });
             }
             return Err(e.into());
         }
@@ -423,15 +462,15 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
         Accelerator::Tcg => deadline,
     };
     loop {
-        check_alive(&mut qemu, &mut qmp, &plan.serial_log, &files.qemu_log)?;
-        if fs::read(&plan.serial_log).is_ok_and(|b| String::from_utf8_lossy(&b).contains(INIT_MARKER)) {
+        check_alive(&mut qemu, &mut qmp, serial_log, &files.qemu_log)?;
+        if fs::read(serial_log).is_ok_and(|b| String::from_utf8_lossy(&b).contains(INIT_MARKER)) {
             tracing::debug!("guest init started after {:.2}s", started.elapsed().as_secs_f64());
-            return Ok(Started { qemu, qmp, started });
+            return Ok(Started { qemu, qmp, serial, started });
         }
         if watchdog.passed() {
             return Err(VmError::BootTimeout {
                 accel: plan.accel.as_str(),
-                serial_tail: tail_of(&plan.serial_log, 30),
+                serial_tail: tail_of(serial_log, 30),
                 source: watchdog.timeout("the guest's init to start (boot watchdog on the serial console)", None),
             });
         }
