@@ -103,9 +103,10 @@ struct Prepared {
 }
 
 /// Archives the source onto a fresh scratch disk and makes the (sparse)
-/// output disk.
-fn prepare_disks(req: &BuildRequest, machine_clock: i64) -> Result<Prepared, BuildError> {
-    let tree = SourceTree::scan(&req.source, Some(&req.out))?;
+/// output disk. The output directory and its staging directory are left out
+/// of a plain source tree (with the default `SRC/out` both lie inside).
+fn prepare_disks(req: &BuildRequest, staging: &Path, machine_clock: i64) -> Result<Prepared, BuildError> {
+    let tree = SourceTree::scan(&req.source, &[&req.out, staging])?;
     let (epoch, epoch_from) = match (req.recipe.build.source_date_epoch, tree.last_commit_time) {
         (Some(e), _) => (e, "recipe"),
         (None, Some(e)) => (e, "git"),
@@ -376,8 +377,8 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
     let image_date = image.stored.layout.metadata.source_date_epoch;
     let pinned_clock = req.recipe.machine.clock.unwrap_or(image_date);
     let prepared = {
-        let req = req.clone();
-        blocking(move || prepare_disks(&req, pinned_clock)).await?
+        let (req, staging) = (req.clone(), output.path().to_path_buf());
+        blocking(move || prepare_disks(&req, &staging, pinned_clock)).await?
     };
     timings.source = start.elapsed().as_secs_f64();
     progress.end(

@@ -5,18 +5,29 @@
 //! SHA-256 identifies the source in the result. The archive that populates
 //! the scratch disk holds the same entries under `src/`, owned by the build
 //! user, beside the build user's empty home and temporary directories.
+//!
+//! The source is hostile: its repository is read with gix, never with the
+//! git program (see `git`), and every path in it is opened without following
+//! a symbolic link in any component (see `beneath`).
+
+#[cfg(test)]
+mod attacks;
+mod beneath;
+mod git;
+#[cfg(test)]
+mod test_repo;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
+use rustix::fs::FileType;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::path_error::{path_error, PathError};
+use beneath::Beneath;
 
 /// uid and gid of the build user in the builder image.
 pub const BUILD_UID: u32 = 1000;
@@ -25,7 +36,7 @@ pub const BUILD_UID: u32 = 1000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
-    /// `git ls-files` of a checkout.
+    /// The files in the index of a checkout.
     Git,
     /// Every file under the directory.
     Tree,
@@ -50,7 +61,7 @@ impl Entry {
 /// The source tree to archive.
 #[derive(Debug)]
 pub struct SourceTree {
-    root: PathBuf,
+    dir: Beneath,
     /// Git checkout or plain tree.
     pub kind: SourceKind,
     /// Committer time of the last commit touching the tree (git only).
@@ -77,13 +88,41 @@ pub enum SourceError {
     /// A file operation failed.
     #[error(transparent)]
     Io(#[from] PathError),
-    /// `git` failed on what looks like a checkout, or lists nothing.
-    #[error("cannot list the git-tracked files in {}: {message}", root.display())]
+    /// The repository cannot be read, or tracks nothing under the source.
+    #[error("cannot use the git checkout {}: {message}", root.display())]
     Git {
         /// The source directory.
         root: PathBuf,
-        /// What git said.
+        /// What went wrong.
         message: String,
+    },
+    /// The repository belongs to another user (git's `safe.directory` rule).
+    #[error("refusing the git checkout {}: {} is owned by uid {owner}, not by you (uid {user}), and its owner decides which files are built; build as that user, or build a copy you own (git clone it, or copy the files without .git)", worktree.display(), path.display())]
+    NotOwned {
+        /// The work tree.
+        worktree: PathBuf,
+        /// The directory or file with the foreign owner.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The effective uid of this process.
+        user: u32,
+    },
+    /// A path from the index that could escape or confuse the archive.
+    #[error("refusing the git-tracked path {path:?}: {reason}")]
+    BadPath {
+        /// The path as the index has it.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A path whose parent directory is a symbolic link.
+    #[error("refusing {path:?}: {component:?} is a symbolic link, and source files are only read through real directories inside the source")]
+    Symlinked {
+        /// The path, relative to the source directory.
+        path: PathBuf,
+        /// The component that is a link.
+        component: PathBuf,
     },
     /// SIGINT or SIGTERM arrived while archiving.
     #[error(transparent)]
@@ -98,131 +137,100 @@ pub enum SourceError {
     },
 }
 
-/// `git -C root` that runs no program the repository's configuration names
-/// (a hostile checkout's core.fsmonitor would otherwise run on the host) and
-/// reads checkouts owned by another user.
-fn git(root: &Path) -> Command {
-    let mut cmd = Command::new("git");
-    cmd.arg("-C")
-        .arg(root)
-        .args(["-c", "core.fsmonitor=false", "-c", "safe.directory=*"])
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null());
-    cmd
+/// The entry for `rel` by what is on disk, or None when nothing is there.
+fn entry_for(dir: &Beneath, rel: PathBuf) -> Result<Option<Entry>, SourceError> {
+    let Some(st) = dir.lstat(&rel)? else { return Ok(None) };
+    let entry = match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory => Entry::Dir(rel),
+        FileType::RegularFile => Entry::File { path: rel, executable: st.st_mode & 0o111 != 0 },
+        FileType::Symlink => Entry::Symlink { target: dir.read_link(&rel)?, path: rel },
+        other => {
+            let kind = match other {
+                FileType::Fifo => "FIFO",
+                FileType::Socket => "socket",
+                _ => "device file",
+            };
+            return Err(SourceError::Unsupported { path: dir.root().join(rel), kind });
+        }
+    };
+    Ok(Some(entry))
 }
 
-fn run_git(root: &Path, args: &[&str]) -> Result<Option<Vec<u8>>, SourceError> {
-    let out = git(root).args(args).output();
-    match out {
-        Ok(out) if out.status.success() => Ok(Some(out.stdout)),
-        Ok(out) => Err(SourceError::Git { root: root.to_path_buf(), message: String::from_utf8_lossy(&out.stderr).trim().to_string() }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(path_error("run git in", root)(e).into()),
-    }
-}
-
-/// Whether `root` lies inside a git work tree (false when git is missing).
-fn is_git_checkout(root: &Path) -> bool {
-    git(root)
-        .args(["rev-parse", "--is-inside-work-tree"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// The entry for `rel` (relative to `root`), by what is on disk.
-fn entry_for(root: &Path, rel: PathBuf) -> Result<Entry, SourceError> {
-    let full = root.join(&rel);
-    let meta = fs::symlink_metadata(&full).map_err(path_error("read", &full))?;
-    let ft = meta.file_type();
-    if ft.is_dir() {
-        Ok(Entry::Dir(rel))
-    } else if ft.is_file() {
-        Ok(Entry::File { path: rel, executable: meta.permissions().mode() & 0o111 != 0 })
-    } else if ft.is_symlink() {
-        let target = fs::read_link(&full).map_err(path_error("read the link", &full))?;
-        Ok(Entry::Symlink { path: rel, target })
-    } else {
-        let kind = if ft.is_fifo() {
-            "FIFO"
-        } else if ft.is_socket() {
-            "socket"
-        } else {
-            "device file"
-        };
-        Err(SourceError::Unsupported { path: full, kind })
-    }
-}
-
-/// Every entry under `dir`, skipping `exclude` (the output directory).
-fn walk(root: &Path, rel: &Path, exclude: Option<&Path>, out: &mut Vec<Entry>) -> Result<(), SourceError> {
-    let dir = root.join(rel);
-    let mut names: Vec<_> = fs::read_dir(&dir)
-        .map_err(path_error("list", &dir))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .map_err(path_error("list", &dir))?;
+/// Every entry under `rel`, skipping `exclude` (relative to the root).
+fn walk(dir: &Beneath, rel: &Path, exclude: &[PathBuf], out: &mut Vec<Entry>) -> Result<(), SourceError> {
+    let mut names = dir.list(rel)?;
     names.sort();
     for name in names {
         let rel = rel.join(name);
-        if exclude.is_some_and(|x| root.join(&rel) == x) {
+        if exclude.contains(&rel) {
             continue;
         }
-        let entry = entry_for(root, rel.clone())?;
+        let Some(entry) = entry_for(dir, rel.clone())? else { continue };
         let is_dir = matches!(entry, Entry::Dir(_));
         out.push(entry);
         if is_dir {
-            walk(root, &rel, exclude, out)?;
+            walk(dir, &rel, exclude, out)?;
         }
     }
     Ok(())
 }
 
+/// The tracked entries of `checkout` under `dir`.
+fn tracked_entries(dir: &Beneath, checkout: &git::Checkout, exclude: &[PathBuf]) -> Result<Vec<Entry>, SourceError> {
+    let tracked = checkout.tracked(dir)?;
+    let mut dirs = BTreeSet::new();
+    let mut entries = Vec::new();
+    for rel in &tracked.files {
+        let Some(entry) = entry_for(dir, rel.clone())? else {
+            tracing::warn!("{rel:?}: tracked by git but deleted; left out");
+            continue;
+        };
+        dirs.extend(rel.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).map(Path::to_path_buf));
+        entries.push(entry);
+    }
+    if entries.is_empty() {
+        let message = "no file under this directory is tracked by git (git add them, or build a copy outside the checkout)".into();
+        return Err(SourceError::Git { root: dir.root().to_path_buf(), message });
+    }
+    let untracked = checkout.count_untracked(dir, &tracked, exclude)?;
+    if untracked > 0 {
+        tracing::warn!(
+            "about {untracked} untracked file(s) under {} are left out of the source (only git-tracked files are built; ignore rules are taken from the .gitignore files in the index)",
+            dir.root().display()
+        );
+    }
+    entries.extend(dirs.into_iter().map(Entry::Dir));
+    Ok(entries)
+}
+
 impl SourceTree {
-    /// Lists the tree at `root`; `exclude` (the output directory, if it lies
-    /// inside) is left out of a plain tree.
-    pub fn scan(root: &Path, exclude: Option<&Path>) -> Result<SourceTree, SourceError> {
+    /// Lists the tree at `root`; `exclude` (the output directory and its
+    /// staging directory, where they lie inside) is left out of a plain
+    /// tree and of the untracked-file count.
+    pub fn scan(root: &Path, exclude: &[&Path]) -> Result<SourceTree, SourceError> {
         let root = fs::canonicalize(root).map_err(path_error("find the source directory", root))?;
-        let exclude = exclude.and_then(|x| fs::canonicalize(x).ok());
-        if !is_git_checkout(&root) {
-            let mut entries = Vec::new();
-            walk(&root, Path::new(""), exclude.as_deref(), &mut entries)?;
-            entries.sort_by(|a, b| a.path().cmp(b.path()));
-            return Ok(SourceTree { root, kind: SourceKind::Tree, last_commit_time: None, entries });
-        }
-        let listed = run_git(&root, &["ls-files", "-z", "--cached", "--recurse-submodules"])?.unwrap_or_default();
-        let mut dirs = BTreeSet::new();
-        let mut entries = Vec::new();
-        for name in listed.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-            let rel = PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name));
-            if fs::symlink_metadata(root.join(&rel)).is_err() {
-                tracing::warn!("{}: tracked by git but deleted; left out", rel.display());
-                continue;
+        let exclude: Vec<PathBuf> = exclude
+            .iter()
+            .filter_map(|x| Some(fs::canonicalize(x).ok()?.strip_prefix(&root).ok()?.to_path_buf()))
+            .filter(|x| !x.as_os_str().is_empty())
+            .collect();
+        let dir = Beneath::open(&root)?;
+        let (kind, last_commit_time, mut entries) = match git::Checkout::discover(&root)? {
+            Some(checkout) => (SourceKind::Git, checkout.last_commit_time()?, tracked_entries(&dir, &checkout, &exclude)?),
+            None => {
+                let mut entries = Vec::new();
+                walk(&dir, Path::new(""), &exclude, &mut entries)?;
+                (SourceKind::Tree, None, entries)
             }
-            dirs.extend(rel.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).map(Path::to_path_buf));
-            entries.push(entry_for(&root, rel)?);
-        }
-        if entries.is_empty() {
-            return Err(SourceError::Git { root, message: "no file under this directory is tracked by git (git add them, or build a copy outside the checkout)".into() });
-        }
-        let untracked = run_git(&root, &["ls-files", "-z", "--others", "--exclude-standard"])?.unwrap_or_default();
-        let untracked = untracked.split(|b| *b == 0).filter(|n| !n.is_empty()).count();
-        if untracked > 0 {
-            tracing::warn!("{untracked} untracked file(s) under {} are left out of the source (only git-tracked files are built)", root.display());
-        }
-        entries.extend(dirs.into_iter().map(Entry::Dir));
+        };
         entries.sort_by(|a, b| a.path().cmp(b.path()));
         entries.dedup_by(|a, b| a.path() == b.path());
-        let last_commit_time = run_git(&root, &["log", "-1", "--format=%ct", "--", "."])?
-            .and_then(|out| String::from_utf8_lossy(&out).trim().parse().ok());
-        Ok(SourceTree { root, kind: SourceKind::Git, last_commit_time, entries })
+        Ok(SourceTree { dir, kind, last_commit_time, entries })
     }
 
     /// The canonical root directory.
     pub fn root(&self) -> &Path {
-        &self.root
+        self.dir.root()
     }
 
     /// Appends the entries to `tar`: paths under `prefix`, owned by `owner`,
@@ -230,7 +238,7 @@ impl SourceTree {
     fn append_tree<W: Write>(&self, tar: &mut tar::Builder<W>, prefix: &Path, owner: u32, epoch: i64) -> Result<(u64, u64), SourceError> {
         let (mut files, mut bytes) = (0, 0);
         let err = |p: &Path| {
-            let full = self.root.join(p);
+            let full = self.dir.root().join(p);
             move |e: io::Error| PathError { action: "archive", path: full, source: e }
         };
         for entry in &self.entries {
@@ -239,9 +247,8 @@ impl SourceTree {
             match entry {
                 Entry::Dir(p) => tar.append_data(&mut header(tar::EntryType::Directory, 0o755, owner, epoch), &name, io::empty()).map_err(err(p))?,
                 Entry::File { path, executable } => {
-                    let full = self.root.join(path);
-                    let file = File::open(&full).map_err(path_error("read", &full))?;
-                    let size = file.metadata().map_err(path_error("read", &full))?.len();
+                    let file = self.dir.open_file(path)?;
+                    let size = file.metadata().map_err(path_error("read", &self.dir.root().join(path)))?.len();
                     let mut h = header(tar::EntryType::Regular, if *executable { 0o755 } else { 0o644 }, owner, epoch);
                     h.set_size(size);
                     tar.append_data(&mut h, &name, file).map_err(err(path))?;
@@ -260,7 +267,7 @@ impl SourceTree {
     pub fn record(&self, epoch: i64) -> Result<SourceRecord, SourceError> {
         let mut tar = tar::Builder::new(HashSink(Sha256::new()));
         let (files, bytes) = self.append_tree(&mut tar, Path::new(""), 0, epoch)?;
-        let hasher = tar.into_inner().map_err(path_error("archive", &self.root))?;
+        let hasher = tar.into_inner().map_err(path_error("archive", self.dir.root()))?;
         Ok(SourceRecord { kind: self.kind, sha256: hex::encode(hasher.0.finalize()), files, bytes })
     }
 
@@ -313,7 +320,7 @@ impl Write for HashSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     fn tree() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -332,7 +339,7 @@ mod tests {
     #[test]
     fn plain_tree_is_sorted_and_skips_the_output_directory() {
         let dir = tree();
-        let t = SourceTree::scan(dir.path(), Some(&dir.path().join("out"))).unwrap();
+        let t = SourceTree::scan(dir.path(), &[&dir.path().join("out")]).unwrap();
         let paths: Vec<_> = t.entries.iter().map(|e| e.path().display().to_string()).collect();
         assert_eq!(paths, ["a.c", "b", "b/c", "b/c/z.txt", "link", "run.sh"]);
         assert_eq!(t.kind, SourceKind::Tree);
@@ -341,22 +348,22 @@ mod tests {
     #[test]
     fn archive_hash_ignores_mtimes_and_permissions_beyond_the_exec_bit() {
         let dir = tree();
-        let a = SourceTree::scan(dir.path(), None).unwrap().record(1_700_000_000).unwrap();
+        let a = SourceTree::scan(dir.path(), &[]).unwrap().record(1_700_000_000).unwrap();
         let f = dir.path().join("a.c");
         fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
         File::options().append(true).open(&f).unwrap().set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
-        let b = SourceTree::scan(dir.path(), None).unwrap().record(1_700_000_000).unwrap();
+        let b = SourceTree::scan(dir.path(), &[]).unwrap().record(1_700_000_000).unwrap();
         assert_eq!(a, b);
         assert_eq!((a.files, a.bytes), (4, 1 + 12 + 9 + 1), "a.c, b/c/z.txt, run.sh, out/old; the link is no file");
         fs::write(&f, "int main(){return 1;}").unwrap();
-        let c = SourceTree::scan(dir.path(), None).unwrap().record(1_700_000_000).unwrap();
+        let c = SourceTree::scan(dir.path(), &[]).unwrap().record(1_700_000_000).unwrap();
         assert_ne!(a.sha256, c.sha256);
     }
 
     #[test]
     fn scratch_tar_has_the_tree_under_src_owned_by_the_build_user() {
         let dir = tree();
-        let t = SourceTree::scan(dir.path(), Some(&dir.path().join("out"))).unwrap();
+        let t = SourceTree::scan(dir.path(), &[&dir.path().join("out")]).unwrap();
         let tar_path = dir.path().join("out/scratch.tar");
         t.write_scratch_tar(&tar_path, 1_700_000_000, &[("artifacts", b"hello\0".to_vec())]).unwrap();
         let mut archive = tar::Archive::new(File::open(&tar_path).unwrap());
@@ -378,7 +385,20 @@ mod tests {
     fn fifos_are_refused_naming_the_path() {
         let dir = tree();
         nix::unistd::mkfifo(&dir.path().join("pipe"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-        let e = SourceTree::scan(dir.path(), None).unwrap_err().to_string();
+        let e = SourceTree::scan(dir.path(), &[]).unwrap_err().to_string();
         assert!(e.contains("pipe") && e.contains("FIFO"), "{e}");
+    }
+
+    #[test]
+    fn plain_tree_hash_ignores_the_output_staging_directory() {
+        let dir = tree();
+        let out = dir.path().join("out");
+        fs::write(out.join("SHA256SUMS"), "an earlier build's").unwrap();
+        let before = SourceTree::scan(dir.path(), &[&out]).unwrap().record(1_700_000_000).unwrap();
+        let staging = crate::build::output::OutputDir::prepare(&out).unwrap();
+        fs::write(staging.path().join("build.log"), "partial").unwrap();
+        assert!(staging.path().starts_with(dir.path()), "the default --out puts the staging directory inside the source");
+        let during = SourceTree::scan(dir.path(), &[&out, staging.path()]).unwrap().record(1_700_000_000).unwrap();
+        assert_eq!(before, during);
     }
 }
