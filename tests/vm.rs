@@ -163,7 +163,7 @@ fn one_builder_qmp_host_key_facts_and_powerdown() {
         assert!(out.starts_with("root\n"), "{out}");
         machine.put_session(session);
         let run_dir = machine.run_dir().to_path_buf();
-        assert!(machine.shutdown().await, "the guest must power off on system_powerdown");
+        assert!(machine.shutdown(None).await, "the guest must power off on system_powerdown");
         assert!(!run_dir.exists());
     });
     assert_nothing_left(&env, "");

@@ -432,10 +432,9 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
     let start = Instant::now();
     let collect_limit = Duration::from_secs(req.recipe.build.timeout_secs);
     in_guest(&mut machine, &serial_copy, move |session| guest_collect(session, collect_limit)).await?;
-    let _ = fs::copy(machine.serial_log(), &serial_copy);
     let launched = machine.launched.clone();
     let facts = machine.facts.clone();
-    machine.shutdown().await;
+    machine.shutdown(Some(&serial_copy)).await;
     let (disk, staging) = (prepared.disks.output(), output.path().to_path_buf());
     let artifacts: Vec<Artifact> = blocking(move || artifacts::extract(&disk, &staging)).await?;
     drop(prepared.disks);

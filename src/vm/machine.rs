@@ -176,7 +176,7 @@ pub struct Machine {
     pub guest_clock: i64,
     /// How long the boot took, up to the authenticated session.
     pub boot_time: Duration,
-    _serial: SerialCapture,
+    serial: SerialCapture,
     // Declared last: removed after QEMU is gone.
     run_dir: TempDir,
 }
@@ -200,6 +200,14 @@ impl SerialCapture {
                 }
             }
         })))
+    }
+}
+
+impl SerialCapture {
+    /// Waits (up to `limit`) until QEMU closed the console and the capped
+    /// log is complete, its kept tail included.
+    async fn finish(&mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, &mut self.0).await;
     }
 }
 
@@ -349,7 +357,7 @@ impl Machine {
         };
         tracing::info!("builder ready in {:.1}s under {} (SSH on 127.0.0.1:{})", boot_time.as_secs_f64(), launched.accelerator.as_str(), files.plan.ssh_port);
         let ssh_port = files.plan.ssh_port;
-        Ok(Machine { qemu, qmp, session: Some(session), ssh_port, serial_log, launched, facts, guest_clock, boot_time, _serial: serial, run_dir })
+        Ok(Machine { qemu, qmp, session: Some(session), ssh_port, serial_log, launched, facts, guest_clock, boot_time, serial, run_dir })
     }
 
     /// The per-run directory (overlay, sockets, logs).
@@ -390,9 +398,10 @@ impl Machine {
     }
 
     /// Graceful stop: ACPI power button, then `quit`, then SIGKILL of QEMU's
-    /// process group; the per-run directory goes with `self`. Returns whether
-    /// the guest powered itself off.
-    pub async fn shutdown(mut self) -> bool {
+    /// process group; the complete serial log is copied to `serial_copy`,
+    /// and the per-run directory goes with `self`. Returns whether the guest
+    /// powered itself off.
+    pub async fn shutdown(mut self, serial_copy: Option<&Path>) -> bool {
         drop(self.session.take());
         let mut powered_off = false;
         if self.qmp.powerdown().await.is_ok() {
@@ -415,6 +424,10 @@ impl Machine {
             }
         })
         .await;
+        self.serial.finish(Duration::from_secs(2)).await;
+        if let Some(copy) = serial_copy {
+            let _ = fs::copy(&self.serial_log, copy);
+        }
         // run_dir is removed as the rest of `self` drops.
         powered_off
     }
