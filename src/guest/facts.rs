@@ -6,11 +6,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::guest::session::{GuestError, GuestSession};
 
-/// The shell command that prints the facts, one per line, in [`GuestFacts`] order.
+/// The shell command that prints the facts, one per line, in [`GuestFacts`]
+/// order, then the clock. /proc/cpuinfo is hashed without the lines that
+/// vary from boot to boot (`cpu MHz`, `bogomips`: the measured TSC speed).
 const FACTS_COMMAND: &str = "uname -a; nproc; \
 grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'; \
 grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'; \
-awk '/^MemTotal:/ {print $2}' /proc/meminfo; hostname; date -u +%s";
+awk '/^MemTotal:/ {print $2}' /proc/meminfo; hostname; \
+awk -F': *' '/^vendor_id/ {v=$2} /^cpu family/ {f=$2} /^model[ \t]*:/ {m=$2} /^stepping/ {s=$2} /^$/ {exit} \
+END {print v \" family \" f \" model \" m \" stepping \" s}' /proc/cpuinfo; \
+grep -v -e '^cpu MHz' -e '^bogomips' /proc/cpuinfo | sha256sum | cut -d' ' -f1; \
+date -u +%s";
 
 /// The guest's own view of the machine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +33,14 @@ pub struct GuestFacts {
     pub memory_kib: u64,
     /// `hostname`.
     pub hostname: String,
+    /// Vendor, family, model and stepping from /proc/cpuinfo.
+    #[serde(default)]
+    pub cpu_signature: String,
+    /// SHA-256 of /proc/cpuinfo without `cpu MHz` and `bogomips`: every
+    /// other thing the guest kernel says about its CPUs (caches, address
+    /// sizes, bugs, topology) for every vCPU.
+    #[serde(default)]
+    pub cpuinfo_sha256: String,
 }
 
 /// The facts plus the guest clock at first contact (which advances with the
@@ -70,7 +84,7 @@ impl GuestFacts {
     fn parse(status: i32, output: &str) -> Result<FirstContact, FactsError> {
         let bad = || FactsError::Parse { status, output: output.to_string() };
         let lines: Vec<&str> = output.lines().collect();
-        if status != 0 || lines.len() != 7 {
+        if status != 0 || lines.len() != 9 {
             return Err(bad());
         }
         let facts = GuestFacts {
@@ -80,8 +94,10 @@ impl GuestFacts {
             cpu_flags: lines[3].to_string(),
             memory_kib: lines[4].trim().parse().map_err(|_| bad())?,
             hostname: lines[5].to_string(),
+            cpu_signature: lines[6].to_string(),
+            cpuinfo_sha256: lines[7].to_string(),
         };
-        Ok(FirstContact { facts, clock: lines[6].trim().parse().map_err(|_| bad())? })
+        Ok(FirstContact { facts, clock: lines[8].trim().parse().map_err(|_| bad())? })
     }
 
     /// Collects the facts and the clock over `session`.
@@ -106,13 +122,16 @@ impl FirstContact {
 mod tests {
     use super::*;
 
-    const OUT: &str = "Linux builder 6.1.0 #1 SMP x86_64 GNU/Linux\n2\nIntel Core i7 9xx (Nehalem Class Core i7)\nfpu vme de\n2013516\nbuilder\n1732492807\n";
+    const OUT: &str = "Linux builder 6.1.0 #1 SMP x86_64 GNU/Linux\n2\nIntel Core i7 9xx (Nehalem Class Core i7)\nfpu vme de\n2013516\nbuilder\n\
+GenuineIntel family 6 model 26 stepping 3\n0f343b0931126a20f133d67c2b018a3b0f343b0931126a20f133d67c2b018a3b\n1732492807\n";
 
     #[test]
     fn parses_the_facts() {
         let c = GuestFacts::parse(0, OUT).unwrap();
         let f = &c.facts;
         assert_eq!((f.nproc, f.memory_kib, f.hostname.as_str(), c.clock), (2, 2013516, "builder", 1732492807));
+        assert_eq!(f.cpu_signature, "GenuineIntel family 6 model 26 stepping 3");
+        assert_eq!(f.cpuinfo_sha256.len(), 64);
     }
 
     #[test]

@@ -290,7 +290,7 @@ pub(crate) mod tests {
         assert_eq!(layout.metadata, sample_metadata());
         assert_eq!(layout.rootfs.offset % 512, 0);
         let mut out = Vec::new();
-        copy_member(&mut File::open(&path).unwrap(), layout.rootfs, &mut out).unwrap();
+        copy_member(&File::open(&path).unwrap(), layout.rootfs, &mut out).unwrap();
         assert_eq!(out, b"root filesystem bytes");
     }
 

@@ -37,6 +37,27 @@ pub fn check_cpu_model(value: &str) -> Result<(), String> {
 /// TCG lacks it), no VME (TCG drops it by default), hypervisor bit always on.
 pub const CPU_FEATURES: &str = "enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on";
 
+/// The vendor a named model declares. Under KVM, QEMU gives a named model
+/// the *host's* vendor string unless `vendor=` is set, and the guest kernel
+/// takes different code paths (and reports other flags) per vendor; so the
+/// model's own vendor is always set explicitly.
+pub fn model_vendor(model: &str) -> &'static str {
+    let lower = model.to_ascii_lowercase();
+    if ["epyc", "opteron", "phenom", "athlon", "qemu32", "qemu64"].iter().any(|p| lower.starts_with(p)) {
+        "AuthenticAMD"
+    } else if lower.starts_with("dhyana") {
+        "HygonGenuine"
+    } else {
+        "GenuineIntel"
+    }
+}
+
+/// The `-cpu` option for `model`: the model, its vendor pinned, and
+/// [`CPU_FEATURES`].
+pub fn cpu_option(model: &str) -> String {
+    format!("{model},vendor={},{CPU_FEATURES}", model_vendor(model))
+}
+
 /// The kernel command line: quiet serial console, PVH-friendly, panics turn
 /// into an immediate reset (which `-no-reboot` makes QEMU exit on, after
 /// pvpanic has reported GUEST_PANICKED).
@@ -153,7 +174,7 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
     let spec = &plan.spec;
     push(&["-name", "reprovm-builder"]);
     push(&["-machine", &format!("{MACHINE_TYPE},accel={}", plan.accel.as_str())]);
-    push(&["-cpu", &format!("{},{CPU_FEATURES}", spec.cpu_model)]);
+    push(&["-cpu", &cpu_option(&spec.cpu_model)]);
     push(&["-smp", &format!("{},sockets=1,cores={},threads=1", spec.cpus, spec.cpus)]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
     push(&["-rtc", &format!("base={},clock=vm", rtc_base(spec.clock))]);
@@ -234,7 +255,7 @@ mod tests {
         let expected = [
             "-name reprovm-builder",
             "-machine pc-q35-7.2,accel=tcg",
-            "-cpu Nehalem-v1,enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on",
+            "-cpu Nehalem-v1,vendor=GenuineIntel,enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on",
             "-smp 2,sockets=1,cores=2,threads=1",
             "-m 2048M",
             "-rtc base=2024-11-25T00:00:00,clock=vm",
@@ -289,5 +310,13 @@ mod tests {
         let args = qemu_args(&plan(Accelerator::Kvm));
         let cpu = args.iter().skip_while(|a| *a != "-cpu").nth(1).unwrap().to_str().unwrap();
         assert!(!cpu.starts_with("host") && !cpu.starts_with("max") && cpu.contains("enforce"));
+        assert!(cpu.contains("vendor=GenuineIntel"), "the vendor is pinned, never the host's: {cpu}");
+    }
+
+    #[test]
+    fn every_model_keeps_its_own_vendor() {
+        for (model, vendor) in [("Nehalem-v1", "GenuineIntel"), ("Westmere-v1", "GenuineIntel"), ("kvm64", "GenuineIntel"), ("EPYC-v1", "AuthenticAMD"), ("Opteron_G3", "AuthenticAMD"), ("qemu64", "AuthenticAMD"), ("Dhyana", "HygonGenuine")] {
+            assert_eq!(model_vendor(model), vendor, "{model}");
+        }
     }
 }

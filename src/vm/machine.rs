@@ -25,7 +25,7 @@ use crate::logs::{section, tail_of, CappedLog};
 use crate::path_error::{path_error, PathError};
 use crate::process::Supervised;
 use crate::vm::accel::{candidates, probe_kvm, AccelChoice};
-use crate::vm::args::{qemu_args, Accelerator, ExtraDisk, LaunchPlan, MachineSpec, Network, CPU_FEATURES, MACHINE_TYPE};
+use crate::vm::args::{cpu_option, qemu_args, Accelerator, ExtraDisk, LaunchPlan, MachineSpec, Network, MACHINE_TYPE};
 use crate::vm::qmp::{GuestEvent, Qmp, QmpError};
 
 /// What the guest's init prints on the serial console once userspace runs.
@@ -33,8 +33,12 @@ const INIT_MARKER: &str = "reprovm-init: started";
 /// What it prints once the network is up and the keys are in place: SSH
 /// attempts before that would sit in user-mode networking's SYN retries.
 const NETWORK_MARKER: &str = "reprovm-init: keys installed";
-/// How long a KVM guest may take to reach init before KVM is declared unusable.
-const KVM_WATCHDOG: Duration = Duration::from_secs(20);
+/// The least time a KVM guest's console may stay silent before init before
+/// KVM is declared hung (see [`kvm_silence_limit`]).
+const KVM_SILENCE: Duration = Duration::from_secs(20);
+/// How long one attempt to connect to QMP waits (attempts repeat until the
+/// boot's limit, unless QEMU exits).
+const QMP_ATTEMPT: Duration = Duration::from_secs(2);
 /// How often the boot watchdog looks at the console and at QEMU.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -352,7 +356,7 @@ impl Machine {
             qemu_version: version,
             accelerator: files.plan.accel,
             machine_type: MACHINE_TYPE.to_string(),
-            cpu: format!("{},{CPU_FEATURES}", opts.spec.cpu_model),
+            cpu: cpu_option(&opts.spec.cpu_model),
             spec: opts.spec.clone(),
         };
         tracing::info!("builder ready in {:.1}s under {} (SSH on 127.0.0.1:{})", boot_time.as_secs_f64(), launched.accelerator.as_str(), files.plan.ssh_port);
@@ -460,35 +464,55 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
         _ => path_error("start", &opts.qemu)(e).into(),
     })?;
     let started = Instant::now();
-    let mut qmp = match Qmp::connect(&plan.qmp_socket, Duration::from_secs(10)).await {
-        Ok(qmp) => qmp,
-        Err(e) => {
-            let _ = qemu.wait_for(Duration::from_millis(500));
-            if let Some(status) = qemu.try_wait().ok().flatten() {
-                return Err(VmError::QemuExited { status: status.to_string(), qemu_log: tail_of(&files.qemu_log, 20), serial_tail: tail_of(serial_log, 30) });
+    // A loaded host (or a nested KVM) can take long to start QEMU: keep
+    // trying within the boot's own limit, but stop as soon as QEMU exits.
+    let mut qmp = loop {
+        match Qmp::connect(&plan.qmp_socket, QMP_ATTEMPT.min(deadline.remaining())).await {
+            Ok(qmp) => break qmp,
+            Err(e) => {
+                let _ = qemu.wait_for(Duration::from_millis(100));
+                if let Some(status) = qemu.try_wait().ok().flatten() {
+                    return Err(VmError::QemuExited { status: status.to_string(), qemu_log: tail_of(&files.qemu_log, 20), serial_tail: tail_of(serial_log, 30) });
+                }
+                if deadline.passed() {
+                    return Err(e.into());
+                }
             }
-            return Err(e.into());
         }
     };
-    let watchdog = match plan.accel {
-        Accelerator::Kvm => Deadline::after(KVM_WATCHDOG.min(deadline.remaining())),
-        Accelerator::Tcg => deadline,
-    };
+    let silence_limit = kvm_silence_limit(opts.boot_timeout);
+    let (mut console_len, mut last_progress) = (0, Instant::now());
     loop {
         check_alive(&mut qemu, &mut qmp, serial_log, &files.qemu_log)?;
-        if fs::read(serial_log).is_ok_and(|b| String::from_utf8_lossy(&b).contains(INIT_MARKER)) {
+        let console = fs::read(serial_log).unwrap_or_default();
+        if String::from_utf8_lossy(&console).contains(INIT_MARKER) {
             tracing::debug!("guest init started after {:.2}s", started.elapsed().as_secs_f64());
             return Ok(Started { qemu, qmp, serial, started });
         }
-        if watchdog.passed() {
-            return Err(VmError::BootTimeout {
-                accel: plan.accel.as_str(),
-                serial_tail: tail_of(serial_log, 30),
-                source: watchdog.timeout("the guest's init to start (boot watchdog on the serial console)", None),
-            });
+        if console.len() != console_len {
+            (console_len, last_progress) = (console.len(), Instant::now());
+        }
+        // Hung, not slow: under KVM the console must keep moving.
+        let hung = plan.accel == Accelerator::Kvm && last_progress.elapsed() >= silence_limit;
+        if hung || deadline.passed() {
+            let source = if hung {
+                Timeout { what: "new console output (KVM hang watchdog: the console stopped moving)".into(), waited: last_progress.elapsed(), last_cause: None }
+            } else {
+                deadline.timeout("the guest's init to start", None)
+            };
+            return Err(VmError::BootTimeout { accel: plan.accel.as_str(), serial_tail: tail_of(serial_log, 30), source });
         }
         tokio::time::sleep(WATCH_INTERVAL).await;
     }
+}
+
+/// How long the console of a KVM guest may stay silent before its init
+/// runs before KVM is declared hung: a tenth of `--boot-timeout`, at least
+/// 20 s. A slow KVM (nested, loaded) keeps printing and is waited for up to
+/// the boot's limit; a KVM that opens but cannot run the machine stops
+/// printing and falls back to TCG (or fails with `--accel kvm`).
+fn kvm_silence_limit(boot_timeout: Duration) -> Duration {
+    (boot_timeout / 10).max(KVM_SILENCE)
 }
 
 /// The serial console from the kernel's panic message on (at most 40
