@@ -10,18 +10,18 @@ pub mod build;
 pub mod cli;
 /// Deadlines for everything that waits: the error says what, how long, and the last cause.
 pub mod deadline;
-/// The guest stage: per-run SSH keys, the authenticated session, guest facts.
-pub mod guest;
 /// Text from outside escaped before it is printed: no control characters reach a terminal.
 pub mod escape;
+/// The guest stage: per-run SSH keys, the authenticated session, guest facts.
+pub mod guest;
 /// Host programs that make disks (mmdebstrap, mkfs.ext4), run clean and supervised.
 pub mod host_tools;
 /// Builder image bundles: pins, the bundle format, the content-addressed store, build, import, fetch.
 pub mod image;
-/// Capped logs (build output, serial console) and diagnostics read from the end of files.
-pub mod logs;
 /// SIGINT/SIGTERM: a process-wide flag every stage checks or awaits.
 pub mod interrupt;
+/// Capped logs (build output, serial console) and diagnostics read from the end of files.
+pub mod logs;
 /// The error for a failed operation on a path, shared by the stages.
 pub mod path_error;
 /// Supervised child processes: own process group, graceful stop, always reaped.

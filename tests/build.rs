@@ -10,7 +10,6 @@ use std::process::Command;
 
 use common::{assert_nothing_left, reprovm, reprovm_vm, test_image, text, TestEnv};
 
-
 fn hello() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello")
 }
@@ -42,7 +41,10 @@ fn build_hello_then_verify_and_compare() {
     assert_eq!(result["inputs"]["source"]["kind"], "git");
     for line in sums.lines() {
         let (hash, path) = line.split_once("  ").unwrap();
-        assert!(result["outputs"].as_array().unwrap().iter().any(|o| o["path"] == path && o["sha256"] == hash), "{path} not in result.json");
+        assert!(
+            result["outputs"].as_array().unwrap().iter().any(|o| o["path"] == path && o["sha256"] == hash),
+            "{path} not in result.json"
+        );
     }
     let info = fs::read_to_string(out.join("buildinfo.txt")).unwrap();
     for fact in ["hostname: builder", "user: builder", "cpus: 2", "umask: 0022", "build dir: /build/src"] {
@@ -63,7 +65,18 @@ fn build_hello_then_verify_and_compare() {
     fs::write(published.join("SHA256SUMS"), &sums_of_published.stdout).unwrap();
     let out2 = env.path().join("out2");
     let verify = |expect: &Path, extra: &[&str]| {
-        text(&reprovm_vm(&env.tmp).arg("verify").arg(hello()).arg("--out").arg(&out2).arg("--expect").arg(expect).args(extra).output().unwrap())
+        text(
+            &reprovm_vm(&env.tmp)
+                .arg("verify")
+                .arg(hello())
+                .arg("--out")
+                .arg(&out2)
+                .arg("--expect")
+                .arg(expect)
+                .args(extra)
+                .output()
+                .unwrap(),
+        )
     };
     let (table, err, code) = verify(&published.join("SHA256SUMS"), &["--diffoscope"]);
     assert_eq!(code, 1, "{err}");
@@ -85,7 +98,8 @@ fn build_hello_then_verify_and_compare() {
     assert_eq!(code, 0, "{err}");
 
     // Compare the two builders' results: identical.
-    let (table, err, code) = text(&reprovm(&env).arg("compare").arg(out.join("result.json")).arg(out2.join("result.json")).output().unwrap());
+    let (table, err, code) =
+        text(&reprovm(&env).arg("compare").arg(out.join("result.json")).arg(out2.join("result.json")).output().unwrap());
     assert_eq!(code, 0, "{table}{err}");
     assert_nothing_left(&env, "");
 }
@@ -171,7 +185,12 @@ artifacts = ["passwd", "etc-link/hostname", "fifo", "real.txt", "missing-*.tar"]
     let (stdout, err, code) = text(&reprovm_vm(&env.tmp).arg("build").arg(&src).arg("--out").arg(&out).output().unwrap());
     assert_eq!(code, 5, "{err}");
     assert!(stdout.is_empty(), "{stdout}");
-    for needle in ["\"passwd\" refused: a symbolic link", "\"etc-link/hostname\" refused: resolves outside", "\"fifo\" refused: not a regular file", "\"missing-*.tar\" (build.artifacts) matched nothing"] {
+    for needle in [
+        "\"passwd\" refused: a symbolic link",
+        "\"etc-link/hostname\" refused: resolves outside",
+        "\"fifo\" refused: not a regular file",
+        "\"missing-*.tar\" (build.artifacts) matched nothing",
+    ] {
         assert!(err.contains(needle), "{needle} not in {err}");
     }
     assert!(!out.join("SHA256SUMS").exists() && !out.join("result.json").exists() && !out.join("passwd").exists());

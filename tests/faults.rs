@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use common::{assert_nothing_left, qemu_processes_mentioning, reprovm_vm, signal, spawn_with_stderr_lines, text, wait_for_line, TestEnv};
 
-
 /// A plain source tree `name` whose reprovm.toml is a small machine (plus
 /// `machine` lines) and `build` (the `[build]` section).
 fn tree(env: &TestEnv, name: &str, machine: &str, build: &str) -> PathBuf {
@@ -50,7 +49,6 @@ fn spawn_build(env: &TestEnv, src: &Path, out: &Path) -> (Child, mpsc::Receiver<
 fn rest(rx: &mpsc::Receiver<String>) -> String {
     rx.iter().collect::<Vec<_>>().join("\n")
 }
-
 
 /// Checks what a running build exposes on the host: run directories 0700,
 /// the QMP socket inside one, no key file left on disk, the SSH forward on
@@ -101,7 +99,8 @@ fn faults_end_with_the_right_code_a_message_and_nothing_left() {
     faults += 1;
 
     // The guest kernel panics mid-build: exit 4 with the panic from the console.
-    let src = tree(&env, "panic", "", "[build]\ncommand = \"sleep 600\"\nartifacts = [\"x\"]\nprovision = [\"echo c > /proc/sysrq-trigger\"]\n");
+    let src =
+        tree(&env, "panic", "", "[build]\ncommand = \"sleep 600\"\nartifacts = [\"x\"]\nprovision = [\"echo c > /proc/sysrq-trigger\"]\n");
     let (_, err, code) = build(&env, &src, &out, &[]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("panicked") && err.contains("Kernel panic"), "{err}");
@@ -239,7 +238,8 @@ fn hostile_builds_are_refused_or_contained() {
     }
 
     // A flood of tiny files comes back whole.
-    let src = tree(&env, "flood", "", "[build]\ncommand = \"mkdir many && cd many && seq -w 1 200000 | xargs touch\"\nartifacts = [\"many\"]\n");
+    let src =
+        tree(&env, "flood", "", "[build]\ncommand = \"mkdir many && cd many && seq -w 1 200000 | xargs touch\"\nartifacts = [\"many\"]\n");
     let (_, err, code) = build(&env, &src, &out, &[]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(fs::read_to_string(out.join("SHA256SUMS")).unwrap().lines().count(), 200000);
@@ -272,7 +272,15 @@ fn four_concurrent_builds_of_hello_agree() {
     let children: Vec<(PathBuf, Child)> = (0..4)
         .map(|i| {
             let out = env.path().join(format!("out{i}"));
-            let child = reprovm_vm(&env.tmp).arg("build").arg(&hello).arg("--out").arg(&out).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+            let child = reprovm_vm(&env.tmp)
+                .arg("build")
+                .arg(&hello)
+                .arg("--out")
+                .arg(&out)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
             (out, child)
         })
         .collect();

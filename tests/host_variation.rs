@@ -186,7 +186,10 @@ fn variations(env: &TestEnv, src_in: &dyn Fn(&Path) -> PathBuf, skipped: &mut Ve
     // The full suite pins reprovm to one host CPU here too; a long build
     // (GNU hello's configure) keeps both.
     let bar = Variation {
-        name: format!("env -i, deep path with spaces, TZ, tr_TR, umask 077, MAKEFLAGS=-j7, hostile env{}", if full { ", taskset -c 0" } else { "" }),
+        name: format!(
+            "env -i, deep path with spaces, TZ, tr_TR, umask 077, MAKEFLAGS=-j7, hostile env{}",
+            if full { ", taskset -c 0" } else { "" }
+        ),
         wrapper: if full { vec!["taskset".into(), "-c".into(), "0".into()] } else { vec![] },
         clear_env: true,
         env: HOSTILE_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),

@@ -87,11 +87,13 @@ fn a_hostile_checkout_builds_and_runs_nothing_on_the_host() {
     git(&src, &["commit", "-qm", "release"]);
     // HEAD becomes a commit carrying a signature, so that showing the log
     // verifies it with gpg.program.
-    let head = String::from_utf8(Command::new("git").current_dir(&src).args(["cat-file", "commit", "HEAD"]).output().unwrap().stdout).unwrap();
+    let head =
+        String::from_utf8(Command::new("git").current_dir(&src).args(["cat-file", "commit", "HEAD"]).output().unwrap().stdout).unwrap();
     let (headers, message) = head.split_once("\n\n").unwrap();
     let signed = format!("{headers}\ngpgsig -----BEGIN PGP SIGNATURE-----\n \n =abcd\n -----END PGP SIGNATURE-----\n\n{message}");
     fs::write(env.path().join("signed"), signed).unwrap();
-    let id = Command::new("git").current_dir(&src).args(["hash-object", "-t", "commit", "-w"]).arg(env.path().join("signed")).output().unwrap();
+    let id =
+        Command::new("git").current_dir(&src).args(["hash-object", "-t", "commit", "-w"]).arg(env.path().join("signed")).output().unwrap();
     git(&src, &["update-ref", "HEAD", String::from_utf8(id.stdout).unwrap().trim()]);
     let e = evil.display().to_string();
     for (key, value) in [
@@ -200,7 +202,8 @@ fn nat_from_a_recipe_alone_reaches_nothing_on_the_host() {
     assert_eq!(hits.load(Ordering::SeqCst), 0);
     assert_nothing_left(&env, "refused");
 
-    let (_, err, code) = text(&reprovm_vm(&env.tmp).arg("build").arg(&src).arg("--out").arg(&out).args(["--network", "nat"]).output().unwrap());
+    let (_, err, code) =
+        text(&reprovm_vm(&env.tmp).arg("build").arg(&src).arg("--out").arg(&out).args(["--network", "nat"]).output().unwrap());
     assert_eq!(code, 0, "{err}");
     assert_eq!(fs::read_to_string(out.join("probe.txt")).unwrap().trim(), "reached", "nat exposes the host's loopback");
     assert!(hits.load(Ordering::SeqCst) >= 1);
@@ -263,7 +266,12 @@ fn a_gigabyte_of_output_costs_the_host_a_bounded_log() {
     let serial = fs::read(out.join("serial.log")).unwrap();
     assert!(serial.windows(11).any(|w| w == b"bytes left "), "serial.log says it was capped");
     assert_nothing_left(&env, "");
-    println!("1 GiB of build output and 8 MiB of console: build.log {} bytes, serial.log {} bytes, stderr {} bytes", size("build.log"), size("serial.log"), stderr.len());
+    println!(
+        "1 GiB of build output and 8 MiB of console: build.log {} bytes, serial.log {} bytes, stderr {} bytes",
+        size("build.log"),
+        size("serial.log"),
+        stderr.len()
+    );
 }
 
 /// What a recipe alone may ask of the host is capped: a terabyte of disk,

@@ -46,7 +46,12 @@ fn two_builds_in_different_host_settings_give_the_same_bundle() {
         Some(path) => (PathBuf::from(path), std::env::var("REPROVM_TEST_IMAGE").unwrap()),
         None => {
             let out = dir.path().join("a.img");
-            let pin = build(&out, Path::new(env!("CARGO_MANIFEST_DIR")), "022", &[("HOME", home.clone()), ("TZ", "UTC".into()), ("LANG", "C.UTF-8".into())]);
+            let pin = build(
+                &out,
+                Path::new(env!("CARGO_MANIFEST_DIR")),
+                "022",
+                &[("HOME", home.clone()), ("TZ", "UTC".into()), ("LANG", "C.UTF-8".into())],
+            );
             (out, pin)
         }
     };

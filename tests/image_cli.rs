@@ -50,7 +50,10 @@ fn import_list_verify_round_trip() {
     assert_eq!(out.lines().last().unwrap(), pin.to_string());
     let (out, _, code) = text(&reprovm(&env).args(["image", "list"]).output().unwrap());
     assert_eq!(code, 0);
-    assert!(out.contains(&pin.to_string()) && out.contains("tiny") && out.contains("2024-11-25") && out.contains("debian bookworm"), "{out}");
+    assert!(
+        out.contains(&pin.to_string()) && out.contains("tiny") && out.contains("2024-11-25") && out.contains("debian bookworm"),
+        "{out}"
+    );
     let (out, _, code) = text(&reprovm(&env).args(["image", "verify"]).output().unwrap());
     assert_eq!(code, 0);
     assert!(out.contains(&format!("ok       {pin}")), "{out}");
@@ -66,7 +69,8 @@ fn import_of_a_flipped_byte_exits_3_naming_the_expected_hash() {
     bytes[middle] ^= 0x01;
     let flipped = env.path().join("flipped.img");
     std::fs::write(&flipped, &bytes).unwrap();
-    let (_, err, code) = text(&reprovm(&env).args(["image", "import"]).arg(&flipped).args(["--sha256", &pin.to_string()]).output().unwrap());
+    let (_, err, code) =
+        text(&reprovm(&env).args(["image", "import"]).arg(&flipped).args(["--sha256", &pin.to_string()]).output().unwrap());
     assert_eq!(code, 3, "{err}");
     assert!(err.contains(&format!("expected {pin}")), "{err}");
     assert!(err.contains("actual sha256:"), "{err}");
@@ -102,7 +106,8 @@ fn a_bad_pin_flag_is_a_usage_error() {
 #[test]
 fn recipe_with_unknown_field_or_bad_value_exits_2_naming_file_field_value() {
     let env = TestEnv::new();
-    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/debian-bookworm-amd64/image.toml")).unwrap();
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/debian-bookworm-amd64/image.toml")).unwrap();
     for (name, text_, field, value) in [
         ("unknown", format!("{shipped}\nflavour = \"vanilla\"\n"), "flavour", ""),
         ("badarch", shipped.replace("architecture = \"amd64\"", "architecture = \"sparc\""), "architecture", "sparc"),

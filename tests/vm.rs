@@ -9,13 +9,14 @@ use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{assert_nothing_left, reprovm_vm, reprovm_vm_wrapped, signal, spawn_with_stderr_lines, test_image, text, wait_for_line, TestEnv};
+use common::{
+    assert_nothing_left, reprovm_vm, reprovm_vm_wrapped, signal, spawn_with_stderr_lines, test_image, text, wait_for_line, TestEnv,
+};
 use reprovm::guest::{GuestError, GuestSession, RunKeys};
 use reprovm::image::Store;
 use reprovm::vm::{AccelChoice, BootOptions, Machine, MachineSpec, Network};
 
 const FACTS: &str = "nproc; date -u +%F; grep -m1 flags /proc/cpuinfo; exit 7";
-
 
 /// One way of running reprovm on this host.
 struct Variation {
@@ -146,9 +147,7 @@ fn one_builder_qmp_host_key_facts_and_powerdown() {
         assert!(machine.facts.memory_kib > 900_000 && machine.facts.memory_kib <= 1024 * 1024);
         // Only the host key made for this run is accepted.
         let port = machine.ssh_port();
-        let impostor_view = tokio::task::spawn_blocking(move || GuestSession::connect(port, &RunKeys::generate().unwrap()))
-            .await
-            .unwrap();
+        let impostor_view = tokio::task::spawn_blocking(move || GuestSession::connect(port, &RunKeys::generate().unwrap())).await.unwrap();
         assert!(matches!(impostor_view, Err(GuestError::HostKeyMismatch { .. })), "a different host key must be refused");
         // The session of this run works and runs commands as root.
         let session = machine.take_session().unwrap();

@@ -10,10 +10,10 @@ use std::io::{self, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use crate::build::output::OWN_NAMES;
 use crate::image::pin::hash_reader;
 use crate::path_error::{path_error, PathError};
+use serde::{Deserialize, Serialize};
 
 /// One artifact: where it is (relative to the output directory), its size
 /// and SHA-256.
@@ -64,7 +64,9 @@ fn checked_path(raw: &[u8]) -> Result<PathBuf, ArtifactError> {
         return Err(unsafe_path("the path is absolute or has `.`/`..` components"));
     }
     if path.components().next().is_some_and(|first| OWN_NAMES.iter().any(|own| first.as_os_str() == *own)) {
-        return Err(unsafe_path("reprovm writes this name itself (SHA256SUMS, result.json, the logs…); return the file from a subdirectory"));
+        return Err(unsafe_path(
+            "reprovm writes this name itself (SHA256SUMS, result.json, the logs…); return the file from a subdirectory",
+        ));
     }
     Ok(path.to_path_buf())
 }
@@ -147,7 +149,10 @@ pub fn parse_sha256sums(text: &str, file: &Path) -> Result<Vec<(String, String)>
         if !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad("expected `<64 hex digits>  <path>`"));
         }
-        let path = rest.strip_prefix("  ").or_else(|| rest.strip_prefix(" *")).ok_or_else(|| bad("expected two spaces (or ` *`) after the hash"))?;
+        let path = rest
+            .strip_prefix("  ")
+            .or_else(|| rest.strip_prefix(" *"))
+            .ok_or_else(|| bad("expected two spaces (or ` *`) after the hash"))?;
         let path = path.strip_prefix("./").unwrap_or(path);
         if path.is_empty() {
             return Err(bad("no path after the hash"));
@@ -191,7 +196,10 @@ mod tests {
         let t = tar_with(&[("b/hello", tar::EntryType::Regular, b"hi\n"), ("a.txt", tar::EntryType::Regular, b"")]);
         let dest = tempfile::tempdir().unwrap();
         let got = extract(t.path(), dest.path()).unwrap();
-        assert_eq!(got[0], Artifact { path: "a.txt".into(), size: 0, sha256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into() });
+        assert_eq!(
+            got[0],
+            Artifact { path: "a.txt".into(), size: 0, sha256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into() }
+        );
         assert_eq!(got[1].path, "b/hello");
         assert_eq!(fs::read(dest.path().join("b/hello")).unwrap(), b"hi\n");
         let text = sha256sums(&got);

@@ -20,8 +20,8 @@ use crate::build::source::SourceError;
 use crate::host_tools::ToolError;
 use crate::image::StoreError;
 use crate::interrupt::Interrupted;
-use crate::path_error::PathError;
 use crate::logs::section;
+use crate::path_error::PathError;
 use crate::vm::VmError;
 use crate::Exit;
 
@@ -54,7 +54,10 @@ pub enum BuildError {
     #[error(transparent)]
     Vm(#[from] VmError),
     /// Mounting the scratch disk in the guest failed.
-    #[error("the builder could not mount the scratch disk (status {status}): {output}{}", section("serial console (last lines)", serial_tail))]
+    #[error(
+        "the builder could not mount the scratch disk (status {status}): {output}{}",
+        section("serial console (last lines)", serial_tail)
+    )]
     Prepare {
         /// Exit status.
         status: i32,
@@ -84,7 +87,10 @@ pub enum BuildError {
         log_tail: String,
     },
     /// The build ran past build.timeout_secs.
-    #[error("the build ran past its limit of {secs} s (build.timeout_secs) and was stopped{}", section("build.log (last lines)", log_tail))]
+    #[error(
+        "the build ran past its limit of {secs} s (build.timeout_secs) and was stopped{}",
+        section("build.log (last lines)", log_tail)
+    )]
     Timeout {
         /// The limit.
         secs: u64,

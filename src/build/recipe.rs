@@ -384,7 +384,10 @@ mod tests {
 
     #[test]
     fn a_recipe_alone_cannot_take_the_host() {
-        let greedy = parse(&format!("{MINIMAL}network = \"nat\"\ntimeout_secs = 604800\n[machine]\ncpus = 64\nmemory_mib = 262144\nscratch_mib = 4194304\n")).unwrap();
+        let greedy = parse(&format!(
+            "{MINIMAL}network = \"nat\"\ntimeout_secs = 604800\n[machine]\ncpus = 64\nmemory_mib = 262144\nscratch_mib = 4194304\n"
+        ))
+        .unwrap();
         let p = Path::new("src/reprovm.toml");
         let e = greedy.check_host_limits(p, true, |_| false).unwrap_err().to_string();
         assert!(e.contains("src/reprovm.toml") && e.contains("machine.cpus") && e.contains("64") && e.contains("--cpus 64"), "{e}");

@@ -17,14 +17,14 @@ use crate::build::result::{BuildResult, Inputs, MachineRecord, RecipeRecord, Tim
 use crate::build::source::SourceTree;
 use crate::build::BuildError;
 use crate::deadline::Deadline;
+use crate::escape::{escape, EscapingWriter};
 use crate::guest::session::BUILD_USER;
 use crate::guest::{GuestError, GuestSession};
 use crate::host_tools::{make_ext4, Ext4Spec};
-use crate::escape::{escape, EscapingWriter};
 use crate::image::{Pin, Store, VerifiedImage};
+use crate::logs::tail_of;
 use crate::logs::{CappedLog, SharedLog};
 use crate::path_error::path_error;
-use crate::logs::tail_of;
 use crate::vm::{AccelChoice, BootOptions, ExtraDisk, Machine, VmError};
 
 /// Mounts the scratch disk in the guest (run as root).
@@ -142,9 +142,7 @@ fn prepare_disks(req: &BuildRequest, staging: &Path, machine_clock: i64) -> Resu
     )?;
     let _ = fs::remove_file(&tar);
     let output = disks.output();
-    File::create(&output)
-        .and_then(|f| f.set_len(scratch_mib << 20))
-        .map_err(path_error("create", &output))?;
+    File::create(&output).and_then(|f| f.set_len(scratch_mib << 20)).map_err(path_error("create", &output))?;
     Ok(Prepared { disks, source, epoch, epoch_from })
 }
 
@@ -177,11 +175,7 @@ fn quote(s: &str) -> String {
 /// clean environment, as the build user (or root for provision commands).
 fn guest_command(command: &str, env: &[(String, String)], root: bool) -> String {
     let env: Vec<String> = env.iter().map(|(k, v)| quote(&format!("{k}={v}"))).collect();
-    let user = if root {
-        String::new()
-    } else {
-        format!("setpriv --reuid={BUILD_USER} --regid={BUILD_USER} --init-groups ")
-    };
+    let user = if root { String::new() } else { format!("setpriv --reuid={BUILD_USER} --regid={BUILD_USER} --init-groups ") };
     format!("cd {BUILD_DIR} && umask 022 && exec {user}env -i {} /bin/sh -c {}", env.join(" "), quote(command))
 }
 
@@ -240,14 +234,23 @@ fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path:
     let omitted = log.omitted();
     drop(log);
     if omitted > 0 {
-        tracing::warn!("build.log capped at {} MiB (--log-limit): {omitted} bytes of output left out, its last MiB kept", req.log_limit >> 20);
+        tracing::warn!(
+            "build.log capped at {} MiB (--log-limit): {omitted} bytes of output left out, its last MiB kept",
+            req.log_limit >> 20
+        );
     }
     result.map(|build| GuestOutcome { prepare: start.elapsed() - build, build })
 }
 
 /// The provision commands (as root), then the build command (as the build
 /// user); returns how long the build command took.
-fn guest_commands(session: &GuestSession, req: &BuildRequest, epoch: i64, log: &SharedLog, log_path: &Path) -> Result<Duration, BuildError> {
+fn guest_commands(
+    session: &GuestSession,
+    req: &BuildRequest,
+    epoch: i64,
+    log: &SharedLog,
+    log_path: &Path,
+) -> Result<Duration, BuildError> {
     let tee = || Tee::new(log);
     let recipe = &req.recipe;
     let limit = Deadline::after(Duration::from_secs(recipe.build.timeout_secs));
@@ -398,7 +401,10 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
     // scripts misbehave. It is derived from the inputs alone, as before.
     let clock = req.recipe.machine.clock.unwrap_or(image_date.max(prepared.epoch));
     if clock < prepared.epoch {
-        tracing::warn!("machine.clock ({clock}) is earlier than SOURCE_DATE_EPOCH ({}): the source files will lie in the guest's future", prepared.epoch);
+        tracing::warn!(
+            "machine.clock ({clock}) is earlier than SOURCE_DATE_EPOCH ({}): the source files will lie in the guest's future",
+            prepared.epoch
+        );
     }
     progress.begin("booting the builder", false);
     let opts = BootOptions {
@@ -455,11 +461,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
             source_date_epoch_from: prepared.epoch_from.to_string(),
             recipe: RecipeRecord { file: req.recipe_file.clone(), sha256: recipe_sha256, effective: req.recipe.clone() },
         },
-        machine: MachineRecord {
-            launched,
-            network: req.recipe.build.network,
-            scratch_mib: req.recipe.machine.scratch(),
-        },
+        machine: MachineRecord { launched, network: req.recipe.build.network, scratch_mib: req.recipe.machine.scratch() },
         guest: facts,
         outputs: artifacts,
         timings,
@@ -497,7 +499,10 @@ mod tests {
         assert_eq!(get("HOME"), Some("/build/home"));
         assert_eq!(get("LANG"), Some("de_DE.UTF-8"), "the recipe's env wins");
         let line = guest_command(&recipe.build.command, &env, false);
-        assert!(line.starts_with("cd /build/src && umask 022 && exec setpriv --reuid=builder --regid=builder --init-groups env -i "), "{line}");
+        assert!(
+            line.starts_with("cd /build/src && umask 022 && exec setpriv --reuid=builder --regid=builder --init-groups env -i "),
+            "{line}"
+        );
         assert!(line.contains("'CFLAGS=-O2 -g'") && line.ends_with(r#"/bin/sh -c "make 'a b'""#), "{line}");
         let root = guest_command("apt-get update", &build_env(&recipe, 1, true), true);
         assert!(root.contains("exec env -i ") && root.contains("HOME=/root") && !root.contains("setpriv"), "{root}");

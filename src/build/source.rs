@@ -117,7 +117,9 @@ pub enum SourceError {
         reason: &'static str,
     },
     /// A path whose parent directory is a symbolic link.
-    #[error("refusing {path:?}: {component:?} is a symbolic link, and source files are only read through real directories inside the source")]
+    #[error(
+        "refusing {path:?}: {component:?} is a symbolic link, and source files are only read through real directories inside the source"
+    )]
     Symlinked {
         /// The path, relative to the source directory.
         path: PathBuf,
@@ -245,7 +247,9 @@ impl SourceTree {
             crate::interrupt::check()?;
             let name = prefix.join(entry.path());
             match entry {
-                Entry::Dir(p) => tar.append_data(&mut header(tar::EntryType::Directory, 0o755, owner, epoch), &name, io::empty()).map_err(err(p))?,
+                Entry::Dir(p) => {
+                    tar.append_data(&mut header(tar::EntryType::Directory, 0o755, owner, epoch), &name, io::empty()).map_err(err(p))?
+                }
                 Entry::File { path, executable } => {
                     let file = self.dir.open_file(path)?;
                     let size = file.metadata().map_err(path_error("read", &self.dir.root().join(path)))?.len();
@@ -376,7 +380,22 @@ mod tests {
             })
             .collect();
         let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
-        assert_eq!(names, [".reprovm", "home", "src", "tmp", ".reprovm/artifacts", "src/a.c", "src/b", "src/b/c", "src/b/c/z.txt", "src/link", "src/run.sh"]);
+        assert_eq!(
+            names,
+            [
+                ".reprovm",
+                "home",
+                "src",
+                "tmp",
+                ".reprovm/artifacts",
+                "src/a.c",
+                "src/b",
+                "src/b/c",
+                "src/b/c/z.txt",
+                "src/link",
+                "src/run.sh"
+            ]
+        );
         assert!(entries.iter().filter(|e| e.0.starts_with("src/")).all(|e| e.1 == 1000));
         assert_eq!(entries.iter().find(|e| e.0 == "src/run.sh").unwrap().2, 0o755);
     }

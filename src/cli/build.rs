@@ -163,7 +163,11 @@ fn diffoscope_reports(rows: &[crate::build::compare::Row], expected_dir: &Path, 
     for path in differing {
         let expected = expected_dir.join(path);
         if !expected.is_file() {
-            eprintln!("no diffoscope report for {}: the expected copy {} is not there", escape(path), escape(&expected.display().to_string()));
+            eprintln!(
+                "no diffoscope report for {}: the expected copy {} is not there",
+                escape(path),
+                escape(&expected.display().to_string())
+            );
             continue;
         }
         let report = out.join("diffoscope").join(format!("{path}.txt"));

@@ -238,8 +238,7 @@ pub fn init_logging(verbose: u8) {
         1 => "reprovm=debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("REPROVM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REPROVM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only on a terminal, and never with NO_COLOR set
     // (https://no-color.org): logs piped to a file stay plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());

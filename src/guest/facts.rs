@@ -122,7 +122,8 @@ impl FirstContact {
 mod tests {
     use super::*;
 
-    const OUT: &str = "Linux builder 6.1.0 #1 SMP x86_64 GNU/Linux\n2\nIntel Core i7 9xx (Nehalem Class Core i7)\nfpu vme de\n2013516\nbuilder\n\
+    const OUT: &str =
+        "Linux builder 6.1.0 #1 SMP x86_64 GNU/Linux\n2\nIntel Core i7 9xx (Nehalem Class Core i7)\nfpu vme de\n2013516\nbuilder\n\
 GenuineIntel family 6 model 26 stepping 3\n0f343b0931126a20f133d67c2b018a3b0f343b0931126a20f133d67c2b018a3b\n1732492807\n";
 
     #[test]

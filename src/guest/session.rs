@@ -96,10 +96,7 @@ impl GuestSession {
         session.handshake().map_err(|e| GuestError::NotReady(format!("SSH handshake: {e}")))?;
         let (blob, _) = session.host_key().ok_or_else(|| GuestError::NotReady("no host key offered".into()))?;
         if blob != keys.host_public_blob.as_slice() {
-            return Err(GuestError::HostKeyMismatch {
-                expected: fingerprint(&keys.host_public_blob),
-                actual: fingerprint(blob),
-            });
+            return Err(GuestError::HostKeyMismatch { expected: fingerprint(&keys.host_public_blob), actual: fingerprint(blob) });
         }
         session
             .userauth_pubkey_memory(LOGIN_USER, None, &keys.client_private, None)
@@ -140,7 +137,11 @@ impl GuestSession {
     }
 
     /// [`GuestSession::exec_capture`] with the deadline of [`GuestSession::exec_until`].
-    pub fn exec_capture_until(&self, command: &str, deadline: Option<(Deadline, &'static str)>) -> Result<(i32, String, String), GuestError> {
+    pub fn exec_capture_until(
+        &self,
+        command: &str,
+        deadline: Option<(Deadline, &'static str)>,
+    ) -> Result<(i32, String, String), GuestError> {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let status = self.exec_until(command, deadline, &mut out, &mut err)?;
         Ok((status, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))

@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::host_tools::{check_mke2fs, clean_command, make_ext4, probe, run_logged, Ext4Spec, ToolError};
 use crate::image::bundle::{self, ImageMetadata, FORMAT_VERSION};
 use crate::image::pin::{hash_file, Pin};
 use crate::image::recipe::{is_mirror_url, ImageRecipe, RecipeError};
 use crate::image::store::{Store, StoreError, StoredImage};
-use crate::host_tools::{check_mke2fs, clean_command, make_ext4, probe, run_logged, Ext4Spec, ToolError};
 use crate::path_error::{path_error, PathError};
 use crate::Exit;
 
@@ -178,7 +178,8 @@ pub fn build_image(recipe_dir: &Path, opts: &BuildOptions, store: &Store) -> Res
     let work_dir = tempfile::Builder::new()
         .prefix("reprovm-image-")
         .permissions(fs::Permissions::from_mode(0o755))
-        .tempdir_in(&base_tmp).map_err(path_error("create a directory in", &base_tmp))?;
+        .tempdir_in(&base_tmp)
+        .map_err(path_error("create a directory in", &base_tmp))?;
     let result = build_in(&recipe, &recipe_path, &customize, mirror, work_dir.path(), opts, store);
     remove_work_dir(work_dir);
     result
@@ -269,7 +270,8 @@ fn build_in(
 
     let out = opts.out.clone().unwrap_or_else(|| work.join("bundle.img"));
     let out_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let partial = tempfile::Builder::new().prefix(".reprovm-bundle-").tempfile_in(out_dir).map_err(path_error("create a file in", out_dir))?;
+    let partial =
+        tempfile::Builder::new().prefix(".reprovm-bundle-").tempfile_in(out_dir).map_err(path_error("create a file in", out_dir))?;
     let pin = {
         let mut writer = HashingWriter { inner: io::BufWriter::with_capacity(4 << 20, partial.as_file()), hasher: Sha256::new() };
         bundle::write_bundle(&mut writer, &metadata, &kernel, &initrd, &rootfs).map_err(path_error("write", &out))?;

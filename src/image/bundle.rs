@@ -215,13 +215,7 @@ pub fn copy_member(mut bundle: &File, extent: Extent, dest: &mut impl Write) -> 
 /// Writes a bundle to `out`: the metadata and the three files, with fixed
 /// headers (mode 0444, uid/gid 0, mtime = SOURCE_DATE_EPOCH) so the same
 /// inputs always give the same bytes.
-pub fn write_bundle(
-    out: impl Write,
-    metadata: &ImageMetadata,
-    kernel: &Path,
-    initrd: &Path,
-    rootfs: &Path,
-) -> io::Result<()> {
+pub fn write_bundle(out: impl Write, metadata: &ImageMetadata, kernel: &Path, initrd: &Path, rootfs: &Path) -> io::Result<()> {
     let mut json = serde_json::to_vec_pretty(metadata).map_err(io::Error::other)?;
     json.push(b'\n');
     let mtime = u64::try_from(metadata.source_date_epoch).unwrap_or(0);
@@ -353,10 +347,7 @@ pub(crate) mod tests {
             let path = dir.path().join(format!("case{i}"));
             std::fs::write(&path, bytes).unwrap();
             let err = read_layout(&path).unwrap_err();
-            assert!(
-                matches!(err, BundleError::UnexpectedMember { .. } | BundleError::NotRegular { .. }),
-                "case {i}: {err:?}"
-            );
+            assert!(matches!(err, BundleError::UnexpectedMember { .. } | BundleError::NotRegular { .. }), "case {i}: {err:?}");
         }
     }
 

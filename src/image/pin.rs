@@ -65,10 +65,7 @@ const HASH_CHUNK: usize = 4 << 20;
 
 /// Streams `reader` through SHA-256, handing every chunk to `sink` as well
 /// (used to copy and hash in one pass). Returns the pin and the byte count.
-pub fn hash_reader(
-    mut reader: impl Read,
-    mut sink: impl FnMut(&[u8]) -> io::Result<()>,
-) -> io::Result<(Pin, u64)> {
+pub fn hash_reader(mut reader: impl Read, mut sink: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<(Pin, u64)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; HASH_CHUNK];
     let mut total = 0u64;

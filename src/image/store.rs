@@ -106,8 +106,7 @@ impl Store {
     pub fn from_env() -> Result<Store, StoreError> {
         let cache = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
             Some(dir) => PathBuf::from(dir),
-            None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty()).ok_or(StoreError::NoCacheDir)?)
-                .join(".cache"),
+            None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty()).ok_or(StoreError::NoCacheDir)?).join(".cache"),
         };
         Ok(Store::at(cache.join("reprovm").join("images")))
     }
@@ -180,8 +179,7 @@ impl Store {
                 Ok(()) => {
                     // The entry is in place: the temporary directory is gone.
                     let _ = incoming.keep();
-                    fs::set_permissions(&entry, Permissions::from_mode(0o500))
-                        .map_err(path_error("make read-only", &entry))?;
+                    fs::set_permissions(&entry, Permissions::from_mode(0o500)).map_err(path_error("make read-only", &entry))?;
                 }
                 // Another process put the same bundle in place first: keep theirs.
                 Err(e) if entry.exists() => tracing::debug!("{} appeared concurrently: {e}", entry.display()),
@@ -196,9 +194,7 @@ impl Store {
         let path = self.entry_dir(&pin).join(BUNDLE_FILE);
         let meta = match fs::metadata(&path) {
             Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::NotFound { pin, root: self.root.clone() })
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound { pin, root: self.root.clone() }),
             Err(e) => return Err(path_error("read", &path)(e).into()),
         };
         let layout = bundle::read_layout(&path).map_err(|source| StoreError::Bundle { path: path.clone(), source })?;

@@ -28,11 +28,7 @@ const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
 
 /// Why /dev/kvm cannot be used, or `Ok` when it opens and speaks the API.
 pub fn probe_kvm(device: &Path) -> Result<(), String> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(device)
-        .map_err(|e| format!("cannot open {}: {e}", device.display()))?;
+    let file = OpenOptions::new().read(true).write(true).open(device).map_err(|e| format!("cannot open {}: {e}", device.display()))?;
     // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int.
     let version = unsafe { libc::ioctl(file.as_raw_fd(), KVM_GET_API_VERSION as _, 0) };
     if version != KVM_API_VERSION {

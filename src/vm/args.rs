@@ -192,10 +192,7 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
     push(&["-blockdev", "driver=file,node-name=bundle,filename=/dev/fdset/1,read-only=on"]);
     push(&[
         "-blockdev",
-        &format!(
-            "driver=raw,node-name=base,file=bundle,offset={},size={},read-only=on",
-            plan.rootfs.offset, plan.rootfs.size
-        ),
+        &format!("driver=raw,node-name=base,file=bundle,offset={},size={},read-only=on", plan.rootfs.offset, plan.rootfs.size),
     ]);
     push(&["-blockdev", &format!("driver=file,node-name=overlay-file,filename={}", p(&plan.overlay))]);
     push(&["-blockdev", "driver=qcow2,node-name=root,file=overlay-file,backing=base"]);
@@ -315,7 +312,15 @@ mod tests {
 
     #[test]
     fn every_model_keeps_its_own_vendor() {
-        for (model, vendor) in [("Nehalem-v1", "GenuineIntel"), ("Westmere-v1", "GenuineIntel"), ("kvm64", "GenuineIntel"), ("EPYC-v1", "AuthenticAMD"), ("Opteron_G3", "AuthenticAMD"), ("qemu64", "AuthenticAMD"), ("Dhyana", "HygonGenuine")] {
+        for (model, vendor) in [
+            ("Nehalem-v1", "GenuineIntel"),
+            ("Westmere-v1", "GenuineIntel"),
+            ("kvm64", "GenuineIntel"),
+            ("EPYC-v1", "AuthenticAMD"),
+            ("Opteron_G3", "AuthenticAMD"),
+            ("qemu64", "AuthenticAMD"),
+            ("Dhyana", "HygonGenuine"),
+        ] {
             assert_eq!(model_vendor(model), vendor, "{model}");
         }
     }

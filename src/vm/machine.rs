@@ -105,7 +105,11 @@ pub enum VmError {
     #[error("KVM cannot be used: the builder did not boot under it (use --accel tcg or auto)")]
     KvmFailed(#[source] Box<VmError>),
     /// QEMU exited before the guest was ready.
-    #[error("QEMU exited ({status}) before the builder was ready{}{}", section("QEMU said", qemu_log), section("serial console (last lines)", serial_tail))]
+    #[error(
+        "QEMU exited ({status}) before the builder was ready{}{}",
+        section("QEMU said", qemu_log),
+        section("serial console (last lines)", serial_tail)
+    )]
     QemuExited {
         /// Exit status.
         status: String,
@@ -275,10 +279,7 @@ fn prepare(image: &VerifiedImage, opts: &BootOptions, accel: Accelerator, sandbo
         qmp_socket: dir.join("qmp.sock"),
         serial_socket: dir.join("serial.sock"),
         ssh_port: free_port().map_err(path_error("find a free port on", Path::new("127.0.0.1")))?,
-        fw_cfg: key_files
-            .iter()
-            .map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p.clone()))
-            .collect(),
+        fw_cfg: key_files.iter().map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p.clone())).collect(),
         disks: opts.disks.clone(),
         network: opts.network,
         sandbox,
@@ -331,7 +332,10 @@ impl Machine {
                     if accel_index + 1 == accels.len() {
                         return Err(VmError::KvmFailed(Box::new(e)));
                     }
-                    tracing::warn!("KVM is present but the builder does not boot under it; falling back to TCG: {}", crate::escape::escape(&e.to_string()));
+                    tracing::warn!(
+                        "KVM is present but the builder does not boot under it; falling back to TCG: {}",
+                        crate::escape::escape(&e.to_string())
+                    );
                     accel_index += 1;
                 }
                 Err(e) => return Err(e),
@@ -359,7 +363,12 @@ impl Machine {
             cpu: cpu_option(&opts.spec.cpu_model),
             spec: opts.spec.clone(),
         };
-        tracing::info!("builder ready in {:.1}s under {} (SSH on 127.0.0.1:{})", boot_time.as_secs_f64(), launched.accelerator.as_str(), files.plan.ssh_port);
+        tracing::info!(
+            "builder ready in {:.1}s under {} (SSH on 127.0.0.1:{})",
+            boot_time.as_secs_f64(),
+            launched.accelerator.as_str(),
+            files.plan.ssh_port
+        );
         let ssh_port = files.plan.ssh_port;
         Ok(Machine { qemu, qmp, session: Some(session), ssh_port, serial_log, launched, facts, guest_clock, boot_time, serial, run_dir })
     }
@@ -458,7 +467,11 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
             Ok(())
         });
     }
-    tracing::debug!("QEMU command line: {} {}", opts.qemu.display(), shlex::try_join(qemu_args(plan).iter().map(|a| a.to_str().unwrap_or("?"))).unwrap_or_default());
+    tracing::debug!(
+        "QEMU command line: {} {}",
+        opts.qemu.display(),
+        shlex::try_join(qemu_args(plan).iter().map(|a| a.to_str().unwrap_or("?"))).unwrap_or_default()
+    );
     let mut qemu = Supervised::spawn("QEMU", &mut cmd).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => VmError::MissingProgram { program: opts.qemu.display().to_string(), package: "qemu-system-x86" },
         _ => path_error("start", &opts.qemu)(e).into(),
@@ -472,7 +485,11 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
             Err(e) => {
                 let _ = qemu.wait_for(Duration::from_millis(100));
                 if let Some(status) = qemu.try_wait().ok().flatten() {
-                    return Err(VmError::QemuExited { status: status.to_string(), qemu_log: tail_of(&files.qemu_log, 20), serial_tail: tail_of(serial_log, 30) });
+                    return Err(VmError::QemuExited {
+                        status: status.to_string(),
+                        qemu_log: tail_of(&files.qemu_log, 20),
+                        serial_tail: tail_of(serial_log, 30),
+                    });
                 }
                 if deadline.passed() {
                     return Err(e.into());
@@ -496,7 +513,11 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
         let hung = plan.accel == Accelerator::Kvm && last_progress.elapsed() >= silence_limit;
         if hung || deadline.passed() {
             let source = if hung {
-                Timeout { what: "new console output (KVM hang watchdog: the console stopped moving)".into(), waited: last_progress.elapsed(), last_cause: None }
+                Timeout {
+                    what: "new console output (KVM hang watchdog: the console stopped moving)".into(),
+                    waited: last_progress.elapsed(),
+                    last_cause: None,
+                }
             } else {
                 deadline.timeout("the guest's init to start", None)
             };
@@ -537,7 +558,11 @@ fn check_alive(qemu: &mut Supervised, qmp: &mut Qmp, serial_log: &Path, qemu_log
         }
     }
     if let Some(status) = exited {
-        return Err(VmError::QemuExited { status: status.to_string(), qemu_log: tail_of(qemu_log, 20), serial_tail: tail_of(serial_log, 30) });
+        return Err(VmError::QemuExited {
+            status: status.to_string(),
+            qemu_log: tail_of(qemu_log, 20),
+            serial_tail: tail_of(serial_log, 30),
+        });
     }
     match event {
         Some(GuestEvent::Panicked) => Err(VmError::Panicked { serial_tail: tail_of(serial_log, 50) }),

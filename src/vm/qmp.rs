@@ -86,9 +86,7 @@ impl Qmp {
         let stream = loop {
             match UnixStream::connect(path).await {
                 Ok(stream) => break stream,
-                Err(e) if deadline.passed() => {
-                    return Err(QmpError::Connect(deadline.timeout("the QMP socket", Some(e.to_string()))))
-                }
+                Err(e) if deadline.passed() => return Err(QmpError::Connect(deadline.timeout("the QMP socket", Some(e.to_string())))),
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         };

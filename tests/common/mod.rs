@@ -55,11 +55,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 /// stdout, stderr and exit code as text, for assertions.
 pub fn text(out: &Output) -> (String, String, i32) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.code().unwrap_or(-1),
-    )
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned(), out.status.code().unwrap_or(-1))
 }
 
 /// The builder image the VM tests boot: `REPROVM_TEST_IMAGE` (a pin in the
@@ -67,9 +63,8 @@ pub fn text(out: &Output) -> (String, String, i32) {
 /// and run by scripts/test with --include-ignored; without an image they
 /// panic with the reason, so a VM test is never counted as passed unrun.
 pub fn test_image() -> (String, PathBuf) {
-    let pin = std::env::var("REPROVM_TEST_IMAGE").unwrap_or_else(|_| {
-        panic!("VM test needs REPROVM_TEST_IMAGE (a builder image pin in the store); run it through scripts/test")
-    });
+    let pin = std::env::var("REPROVM_TEST_IMAGE")
+        .unwrap_or_else(|_| panic!("VM test needs REPROVM_TEST_IMAGE (a builder image pin in the store); run it through scripts/test"));
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));

@@ -117,7 +117,8 @@ fn a_submodule_with_hostile_configuration_is_listed_and_runs_nothing() {
 
     let tree = archive(&parent);
     assert!(!host.ran());
-    let files: Vec<String> = tree.entries.iter().filter(|e| !matches!(e, super::Entry::Dir(_))).map(|e| e.path().display().to_string()).collect();
+    let files: Vec<String> =
+        tree.entries.iter().filter(|e| !matches!(e, super::Entry::Dir(_))).map(|e| e.path().display().to_string()).collect();
     assert_eq!(files, by_git.lines().collect::<Vec<_>>());
 }
 

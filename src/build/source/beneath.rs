@@ -69,7 +69,8 @@ impl Beneath {
     /// The target of the symbolic link `rel`.
     pub(super) fn read_link(&self, rel: &Path) -> Result<PathBuf, SourceError> {
         let (parent, name) = self.existing_parent(rel)?;
-        let target = rustix::fs::readlinkat(fd(&parent, &self.fd), name, Vec::new()).map_err(io_error("read the link", &self.root.join(rel)))?;
+        let target =
+            rustix::fs::readlinkat(fd(&parent, &self.fd), name, Vec::new()).map_err(io_error("read the link", &self.root.join(rel)))?;
         Ok(PathBuf::from(OsStr::from_bytes(target.as_bytes())))
     }
 

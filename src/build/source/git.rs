@@ -49,7 +49,8 @@ impl Checkout {
         let Some(worktree) = path.into_repository_and_work_tree_directories().1 else { return Ok(None) };
         let worktree = fs::canonicalize(&worktree).map_err(path_error("find the work tree", &worktree))?;
         let repo = open_owned(&worktree)?;
-        let prefix = root.strip_prefix(&worktree).map_err(|_| git_error(root)(format!("it is not inside the work tree {}", worktree.display())))?;
+        let prefix =
+            root.strip_prefix(&worktree).map_err(|_| git_error(root)(format!("it is not inside the work tree {}", worktree.display())))?;
         let index = read_index(&repo, root)?;
         Ok(Some(Checkout { repo, index, prefix: prefix.to_path_buf(), root: root.to_path_buf() }))
     }
@@ -349,8 +350,17 @@ mod tests {
         }
         let t = SourceTree::scan(&hello, &[]).unwrap();
         assert_eq!(t.kind, SourceKind::Git);
-        let files: Vec<String> = t.entries.iter().filter(|e| !matches!(e, crate::build::source::Entry::Dir(_))).map(|e| e.path().display().to_string()).collect();
-        let by_git: Vec<String> = git(&hello, &["-c", "core.fsmonitor=false", "ls-files"]).lines().filter(|f| hello.join(f).symlink_metadata().is_ok()).map(String::from).collect();
+        let files: Vec<String> = t
+            .entries
+            .iter()
+            .filter(|e| !matches!(e, crate::build::source::Entry::Dir(_)))
+            .map(|e| e.path().display().to_string())
+            .collect();
+        let by_git: Vec<String> = git(&hello, &["-c", "core.fsmonitor=false", "ls-files"])
+            .lines()
+            .filter(|f| hello.join(f).symlink_metadata().is_ok())
+            .map(String::from)
+            .collect();
         assert_eq!(files, by_git);
         assert_eq!(t.last_commit_time, git_last_commit_time(&hello));
     }
