@@ -1,6 +1,7 @@
 //! `reprovm image build|import|fetch|list|verify`.
 
 use crate::cli::{parse_pin, Error, ImageCommand};
+use crate::escape::escape;
 use crate::image::build::{build_image, BuildOptions};
 use crate::image::fetch::fetch_image;
 use crate::image::{Store, StoreError};
@@ -41,9 +42,10 @@ fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
                     image.pin.to_string(),
                     human_size(image.size),
                     date,
-                    meta.name,
-                    meta.distribution,
-                    meta.architecture
+                    // A fetched bundle's metadata is outside text.
+                    escape(&meta.name),
+                    escape(&meta.distribution),
+                    escape(&meta.architecture)
                 );
             }
         }
