@@ -1,7 +1,7 @@
 //! reprovm: rebuild software inside a pinned, checksummed builder VM so the
 //! bytes that come out do not depend on the host that built them.
 //!
-//! The pipeline runs down these modules, one stage each (see DESIGN.md):
+//! The pipeline runs down these modules, one stage each (docs/architecture.md):
 #![warn(missing_docs)]
 
 /// The build stage: recipe, source archive, the build in the guest, artifacts, results, comparison.
