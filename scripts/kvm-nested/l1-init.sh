@@ -101,22 +101,32 @@ a="$(accel_of "$OUT/auto/result.json")"
 if [ $rc = 0 ] && [ "$a" = kvm ]; then st check_b ok; else st check_b "rc=$rc accelerator=${a:-none}"; fi
 
 # (c) a CPU model this KVM refuses: auto falls back to TCG with a warning.
+# FALLBACK_MODELS lists, in order, the 64-bit models TCG provides with
+# `enforce` (computed on the host). QEMU under this KVM says which features
+# each model lacks here (query-cpu-definitions); the first candidate lacking
+# any feature other than those reprovm switches off anyway is taken, and
+# QEMU's refusal of it with reprovm's -cpu settings is checked directly.
 if [ "${CHECK_FALLBACK:-0}" = 1 ]; then
   t=$(now)
+  printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"query-cpu-definitions"}' '{"execute":"quit"}' |
+    timeout 300 qemu-system-x86_64 -machine none,accel=kvm -qmp stdio -display none -nodefaults >"$OUT/kvm-cpu-definitions.json" 2>&1
+  tr -d '\n' <"$OUT/kvm-cpu-definitions.json" | sed 's/}, *{/}\n{/g' |
+    sed -n 's/.*"name": *"\([^"]*\)".*"unavailable-features": *\[\([^]]*\)\].*/\1 \2/p' | tr -d '",' >"$OUT/kvm-unavailable.txt"
   model=""
-  for m in ${FALLBACK_MODELS:-Opteron_G2-v1}; do
-    # Does QEMU refuse it under this KVM? (reprovm's own feature settings)
-    timeout 60 qemu-system-x86_64 -machine pc-q35-7.2,accel=kvm -cpu "$m,enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on" \
+  for m in $FALLBACK_MODELS; do
+    lacks="$(awk -v m="$m" '$1 == m { $1 = ""; print }' "$OUT/kvm-unavailable.txt" | tr ' ' '\n' | grep -v -x -e '' -e vme -e x2apic -e pmu | tr '\n' ' ')"
+    [ -n "$lacks" ] || continue
+    timeout 120 qemu-system-x86_64 -machine pc-q35-7.2,accel=kvm -cpu "$m,enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on" \
       -nodefaults -display none -S -m 64 >"$OUT/fallback-probe-$m.log" 2>&1 &
     pid=$!
     # Refused: QEMU exits at once. Accepted: it waits, stopped (-S).
-    for _ in $(seq 40); do kill -0 $pid 2>/dev/null || break; sleep 1; done
+    for _ in $(seq 60); do kill -0 $pid 2>/dev/null || break; sleep 1; done
     if kill -0 $pid 2>/dev/null; then kill $pid; wait $pid 2>/dev/null; else wait $pid; model="$m"; break; fi
   done
   if [ -z "$model" ]; then
-    st check_c "no model in '${FALLBACK_MODELS:-Opteron_G2-v1}' is refused by this KVM"
+    st check_c "no candidate model is refused by this KVM (see kvm-unavailable.txt)"
   else
-    st fallback_model "$model: $(grep -o 'requested feature: [^ ]*' "$OUT/fallback-probe-$model.log" | cut -d' ' -f3 | tr '\n' ' ')"
+    st fallback_model "$model, lacking under this KVM: $lacks"
     console "check (c): reprovm build --accel auto --cpu-model $model"
     build fallback --accel auto --cpu-model "$model"; rc=$?
     a="$(accel_of "$OUT/fallback/result.json")"
@@ -127,6 +137,18 @@ if [ "${CHECK_FALLBACK:-0}" = 1 ]; then
     fi
   fi
   st t_c "$(secs "$t")"
+fi
+
+# (e) optional: the CPU dump under KVM as before the vendor pin.
+if [ "${CHECK_UNPINNED:-0}" = 1 ]; then
+  t=$(now)
+  console "check (e): CPU dump under KVM without the vendor pin"
+  if "$IN/cpu-dump" "$R" --accel kvm --boot-timeout 600 -v --qemu "$IN/qemu-unpinned-vendor" >"$OUT/cpu-dump-kvm-unpinned.txt" 2>"$OUT/cpu-dump-kvm-unpinned.stderr"; then
+    st check_e ok
+  else
+    st check_e "rc=$?"
+  fi
+  st t_e "$(secs "$t")"
 fi
 
 dmesg >"$OUT/l1-dmesg.txt" 2>&1
