@@ -100,6 +100,18 @@ st t_b "$(secs "$t")"
 a="$(accel_of "$OUT/auto/result.json")"
 if [ $rc = 0 ] && [ "$a" = kvm ]; then st check_b ok; else st check_b "rc=$rc accelerator=${a:-none}"; fi
 
+# (e) optional: the CPU dump under KVM as before the vendor pin.
+if [ "${CHECK_UNPINNED:-0}" = 1 ]; then
+  t=$(now)
+  console "check (e): CPU dump under KVM without the vendor pin"
+  if "$IN/cpu-dump" "$R" --accel kvm --boot-timeout 600 -v --qemu "$IN/qemu-unpinned-vendor" >"$OUT/cpu-dump-kvm-unpinned.txt" 2>"$OUT/cpu-dump-kvm-unpinned.stderr"; then
+    st check_e ok
+  else
+    st check_e "rc=$?"
+  fi
+  st t_e "$(secs "$t")"
+fi
+
 # (c) a CPU model this KVM refuses: auto falls back to TCG with a warning.
 # FALLBACK_MODELS lists, in order, the 64-bit models TCG provides with
 # `enforce` (computed on the host). QEMU under this KVM says which features
@@ -137,18 +149,6 @@ if [ "${CHECK_FALLBACK:-0}" = 1 ]; then
     fi
   fi
   st t_c "$(secs "$t")"
-fi
-
-# (e) optional: the CPU dump under KVM as before the vendor pin.
-if [ "${CHECK_UNPINNED:-0}" = 1 ]; then
-  t=$(now)
-  console "check (e): CPU dump under KVM without the vendor pin"
-  if "$IN/cpu-dump" "$R" --accel kvm --boot-timeout 600 -v --qemu "$IN/qemu-unpinned-vendor" >"$OUT/cpu-dump-kvm-unpinned.txt" 2>"$OUT/cpu-dump-kvm-unpinned.stderr"; then
-    st check_e ok
-  else
-    st check_e "rc=$?"
-  fi
-  st t_e "$(secs "$t")"
 fi
 
 dmesg >"$OUT/l1-dmesg.txt" 2>&1
