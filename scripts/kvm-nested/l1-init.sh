@@ -67,7 +67,7 @@ st t_import "$(secs "$t")"
 build() {
   local label="$1"; shift
   mkdir -p "$OUT/$label"
-  "$R" -v build "$SRC" --out "/tmp/out-$label" --boot-timeout 600 "$@" >"$OUT/$label/stdout.log" 2>"$OUT/$label/stderr.log"
+  "$R" -v build "$SRC" --out "/tmp/out-$label" --boot-timeout "${BOOT_TIMEOUT:-600}" "$@" >"$OUT/$label/stdout.log" 2>"$OUT/$label/stderr.log"
   local rc=$?
   cp /tmp/out-"$label"/* "$OUT/$label/" 2>/dev/null
   return $rc
@@ -85,7 +85,7 @@ if [ $rc = 0 ] && [ "$a" = kvm ]; then st check_a ok; else st check_a "rc=$rc ac
 # (d) the CPU as the builder sees it under KVM
 t=$(now)
 console "check (d): CPU dump under KVM"
-if "$IN/cpu-dump" "$R" --accel kvm --boot-timeout 600 -v >"$OUT/cpu-dump-kvm.txt" 2>"$OUT/cpu-dump-kvm.stderr"; then
+if "$IN/cpu-dump" "$R" --accel kvm --boot-timeout "${BOOT_TIMEOUT:-600}" -v >"$OUT/cpu-dump-kvm.txt" 2>"$OUT/cpu-dump-kvm.stderr"; then
   st check_d ok
 else
   st check_d "rc=$?"
@@ -104,7 +104,7 @@ if [ $rc = 0 ] && [ "$a" = kvm ]; then st check_b ok; else st check_b "rc=$rc ac
 if [ "${CHECK_UNPINNED:-0}" = 1 ]; then
   t=$(now)
   console "check (e): CPU dump under KVM without the vendor pin"
-  if "$IN/cpu-dump" "$R" --accel kvm --boot-timeout 600 -v --qemu "$IN/qemu-unpinned-vendor" >"$OUT/cpu-dump-kvm-unpinned.txt" 2>"$OUT/cpu-dump-kvm-unpinned.stderr"; then
+  if "$IN/cpu-dump" "$R" --accel kvm --boot-timeout "${BOOT_TIMEOUT:-600}" -v --qemu "$IN/qemu-unpinned-vendor" >"$OUT/cpu-dump-kvm-unpinned.txt" 2>"$OUT/cpu-dump-kvm-unpinned.stderr"; then
     st check_e ok
   else
     st check_e "rc=$?"
