@@ -60,9 +60,13 @@ pub fn cpu_option(model: &str) -> String {
 
 /// The kernel command line: quiet serial console, PVH-friendly, panics turn
 /// into an immediate reset (which `-no-reboot` makes QEMU exit on, after
-/// pvpanic has reported GUEST_PANICKED).
+/// pvpanic has reported GUEST_PANICKED). `clearcpuid=cpuid_fault`: KVM
+/// offers CPUID faulting (MSR_PLATFORM_INFO) and TCG does not, which put a
+/// `cpuid_fault` flag in /proc/cpuinfo under KVM only (seen through
+/// scripts/test-kvm-nested); the kernel records the option as taint 4 under
+/// both accelerators alike.
 pub const KERNEL_CMDLINE: &str =
-    "console=ttyS0 quiet loglevel=4 panic=-1 edd=off reprovm.root=/dev/vda random.trust_cpu=on tsc=reliable mitigations=off cryptomgr.notests";
+    "console=ttyS0 quiet loglevel=4 panic=-1 edd=off reprovm.root=/dev/vda random.trust_cpu=on tsc=reliable mitigations=off cryptomgr.notests clearcpuid=cpuid_fault";
 
 /// The accelerator QEMU runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
