@@ -147,7 +147,7 @@ fn one_builder_qmp_host_key_facts_and_powerdown() {
         assert!(machine.facts.memory_kib > 900_000 && machine.facts.memory_kib <= 1024 * 1024);
         // Only the host key made for this run is accepted.
         let port = machine.ssh_port();
-        let impostor_view = tokio::task::spawn_blocking(move || GuestSession::connect(port, &RunKeys::generate().unwrap())).await.unwrap();
+        let impostor_view = tokio::task::spawn_blocking(move || GuestSession::connect(port, &RunKeys::generate().unwrap(), Duration::from_secs(2))).await.unwrap();
         assert!(matches!(impostor_view, Err(GuestError::HostKeyMismatch { .. })), "a different host key must be refused");
         // The session of this run works and runs commands as root.
         let session = machine.take_session().unwrap();

@@ -83,15 +83,16 @@ pub fn as_build_user(command: &str) -> String {
 
 impl GuestSession {
     /// One attempt to connect to 127.0.0.1:`port`, check the host key and
-    /// authenticate. `NotReady` means "try again"; other errors are final.
-    pub fn connect(port: u16, keys: &RunKeys) -> Result<GuestSession, GuestError> {
+    /// authenticate, each step allowed `limit`. `NotReady` means "try
+    /// again"; other errors are final.
+    pub fn connect(port: u16, keys: &RunKeys, limit: Duration) -> Result<GuestSession, GuestError> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let socket = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .map_err(|e| GuestError::NotReady(format!("connect to {addr}: {e}")))?;
+        let limit = limit.max(Duration::from_millis(1));
+        let socket = TcpStream::connect_timeout(&addr, limit).map_err(|e| GuestError::NotReady(format!("connect to {addr}: {e}")))?;
         socket.set_nodelay(true).map_err(io_err("set TCP_NODELAY"))?;
         let mut session = ssh2::Session::new().map_err(ssh_err("session set-up"))?;
         session.set_tcp_stream(socket.try_clone().map_err(io_err("clone the socket"))?);
-        session.set_timeout(2_000);
+        session.set_timeout(u32::try_from(limit.as_millis()).unwrap_or(u32::MAX));
         session.method_pref(ssh2::MethodType::HostKey, "ssh-ed25519").map_err(ssh_err("host key preference"))?;
         session.handshake().map_err(|e| GuestError::NotReady(format!("SSH handshake: {e}")))?;
         let (blob, _) = session.host_key().ok_or_else(|| GuestError::NotReady("no host key offered".into()))?;
@@ -266,7 +267,7 @@ mod tests {
         for reply in [&b""[..], b"HTTP/1.1 200 OK\r\n\r\n", b"SSH-2.0-fake\r\n\0\0\0\x0cgarbagegarbage"] {
             let port = fake_guest(reply);
             let start = std::time::Instant::now();
-            let result = GuestSession::connect(port, &keys);
+            let result = GuestSession::connect(port, &keys, Duration::from_secs(2));
             assert!(matches!(result, Err(GuestError::NotReady(_))), "{reply:?}");
             assert!(start.elapsed() < Duration::from_secs(6), "{reply:?} took {:?}", start.elapsed());
         }
@@ -278,6 +279,6 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        assert!(matches!(GuestSession::connect(port, &keys), Err(GuestError::NotReady(_))));
+        assert!(matches!(GuestSession::connect(port, &keys, Duration::from_secs(2)), Err(GuestError::NotReady(_))));
     }
 }

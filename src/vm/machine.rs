@@ -39,6 +39,11 @@ const KVM_SILENCE: Duration = Duration::from_secs(20);
 /// How long one attempt to connect to QMP waits (attempts repeat until the
 /// boot's limit, unless QEMU exits).
 const QMP_ATTEMPT: Duration = Duration::from_secs(2);
+/// The first SSH attempt's limit for each step (connect, handshake,
+/// authentication); see [`next_ssh_attempt`].
+const SSH_ATTEMPT: Duration = Duration::from_secs(2);
+/// The longest an SSH attempt waits.
+const SSH_ATTEMPT_MAX: Duration = Duration::from_secs(60);
 /// How often the boot watchdog looks at the console and at QEMU.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -497,8 +502,7 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
             }
         }
     };
-    let silence_limit = kvm_silence_limit(opts.boot_timeout);
-    let (mut console_len, mut last_progress) = (0, Instant::now());
+    let mut watchdog = ConsoleWatchdog::new(kvm_silence_limit(opts.boot_timeout), Instant::now());
     loop {
         check_alive(&mut qemu, &mut qmp, serial_log, &files.qemu_log)?;
         let console = fs::read(serial_log).unwrap_or_default();
@@ -506,20 +510,14 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
             tracing::debug!("guest init started after {:.2}s", started.elapsed().as_secs_f64());
             return Ok(Started { qemu, qmp, serial, started });
         }
-        if console.len() != console_len {
-            (console_len, last_progress) = (console.len(), Instant::now());
-        }
         // Hung, not slow: under KVM the console must keep moving.
-        let hung = plan.accel == Accelerator::Kvm && last_progress.elapsed() >= silence_limit;
-        if hung || deadline.passed() {
-            let source = if hung {
-                Timeout {
-                    what: "new console output (KVM hang watchdog: the console stopped moving)".into(),
-                    waited: last_progress.elapsed(),
-                    last_cause: None,
+        let silent = watchdog.silent_for(console.len(), Instant::now()).filter(|_| plan.accel == Accelerator::Kvm);
+        if silent.is_some() || deadline.passed() {
+            let source = match silent {
+                Some(waited) => {
+                    Timeout { what: "new console output (KVM hang watchdog: the console stopped moving)".into(), waited, last_cause: None }
                 }
-            } else {
-                deadline.timeout("the guest's init to start", None)
+                None => deadline.timeout("the guest's init to start", None),
             };
             return Err(VmError::BootTimeout { accel: plan.accel.as_str(), serial_tail: tail_of(serial_log, 30), source });
         }
@@ -529,11 +527,37 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
 
 /// How long the console of a KVM guest may stay silent before its init
 /// runs before KVM is declared hung: a tenth of `--boot-timeout`, at least
-/// 20 s. A slow KVM (nested, loaded) keeps printing and is waited for up to
-/// the boot's limit; a KVM that opens but cannot run the machine stops
-/// printing and falls back to TCG (or fails with `--accel kvm`).
+/// 20 s. The kernel prints its boot messages (see
+/// [`crate::vm::args::KERNEL_CMDLINE`]), whose longest gap under TCG is about
+/// a fifth of the time to init: a slow KVM (nested, loaded) keeps printing
+/// and is waited for up to the boot's limit; a KVM that opens but cannot run
+/// the machine stops printing and falls back to TCG (or fails with
+/// `--accel kvm`).
 fn kvm_silence_limit(boot_timeout: Duration) -> Duration {
     (boot_timeout / 10).max(KVM_SILENCE)
+}
+
+/// Tells a hung guest from a slow one by progress on its console.
+struct ConsoleWatchdog {
+    limit: Duration,
+    seen: usize,
+    last_progress: Instant,
+}
+
+impl ConsoleWatchdog {
+    fn new(limit: Duration, now: Instant) -> Self {
+        ConsoleWatchdog { limit, seen: 0, last_progress: now }
+    }
+
+    /// Records that the console holds `len` bytes at `now`; returns how long
+    /// it has been silent once that reaches the limit.
+    fn silent_for(&mut self, len: usize, now: Instant) -> Option<Duration> {
+        if len != self.seen {
+            (self.seen, self.last_progress) = (len, now);
+        }
+        let silent = now.saturating_duration_since(self.last_progress);
+        (silent >= self.limit).then_some(silent)
+    }
 }
 
 /// The serial console from the kernel's panic message on (at most 40
@@ -571,6 +595,20 @@ fn check_alive(qemu: &mut Supervised, qmp: &mut Qmp, serial_log: &Path, qemu_log
     }
 }
 
+/// The limit of the next SSH attempt after one that failed in `took`. An
+/// attempt that ran out of time met a guest too slow to answer within it
+/// (nested KVM, a loaded host): the next one waits twice as long, up to
+/// [`SSH_ATTEMPT_MAX`]. Fixed short attempts would never finish a slow
+/// handshake, and every connection given up on keeps an sshd child busy
+/// until sshd's MaxStartups throttling refuses all of them.
+fn next_ssh_attempt(limit: Duration, took: Duration) -> Duration {
+    if took >= limit {
+        (limit * 2).min(SSH_ATTEMPT_MAX)
+    } else {
+        limit
+    }
+}
+
 /// Polls SSH until an authenticated session works. A wrong host key is final.
 async fn wait_for_ssh(
     qemu: &mut Supervised,
@@ -582,6 +620,7 @@ async fn wait_for_ssh(
     deadline: Deadline,
 ) -> Result<GuestSession, VmError> {
     let keys = std::sync::Arc::new(keys);
+    let mut attempt_limit = SSH_ATTEMPT;
     loop {
         check_alive(qemu, qmp, serial_log, qemu_log)?;
         if !fs::read(serial_log).is_ok_and(|b| String::from_utf8_lossy(&b).contains(NETWORK_MARKER)) {
@@ -596,12 +635,15 @@ async fn wait_for_ssh(
             continue;
         }
         let attempt_keys = keys.clone();
-        let attempt = tokio::task::spawn_blocking(move || GuestSession::connect(port, &attempt_keys)).await.expect("SSH thread panicked");
+        let limit = attempt_limit.min(deadline.remaining());
+        let tried = Instant::now();
+        let attempt = tokio::task::spawn_blocking(move || GuestSession::connect(port, &attempt_keys, limit)).await.expect("SSH thread panicked");
         let cause = match attempt {
             Ok(session) => return Ok(session),
             Err(GuestError::NotReady(cause)) => cause,
             Err(source) => return Err(VmError::Ssh { serial_tail: tail_of(serial_log, 30), source }),
         };
+        attempt_limit = next_ssh_attempt(attempt_limit, tried.elapsed());
         if deadline.passed() {
             return Err(VmError::BootTimeout {
                 accel: "the chosen accelerator",
@@ -610,5 +652,42 @@ async fn wait_for_ssh(
             });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_console_is_not_hung_a_silent_one_is() {
+        let start = Instant::now();
+        let mut watchdog = ConsoleWatchdog::new(Duration::from_secs(20), start);
+        // A guest that prints a line every 15 s for ten minutes is slow, not hung.
+        for step in 1..=40 {
+            assert_eq!(watchdog.silent_for(step * 80, start + Duration::from_secs(15 * step as u64)), None, "step {step}");
+        }
+        let last = start + Duration::from_secs(600);
+        assert_eq!(watchdog.silent_for(3200, last + Duration::from_secs(19)), None);
+        assert_eq!(watchdog.silent_for(3200, last + Duration::from_secs(21)), Some(Duration::from_secs(21)));
+    }
+
+    #[test]
+    fn the_silence_limit_follows_the_boot_timeout() {
+        assert_eq!(kvm_silence_limit(Duration::from_secs(60)), KVM_SILENCE);
+        assert_eq!(kvm_silence_limit(Duration::from_secs(300)), Duration::from_secs(30));
+        assert_eq!(kvm_silence_limit(Duration::from_secs(3000)), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn ssh_attempts_grow_only_when_they_ran_out_of_time() {
+        let two = Duration::from_secs(2);
+        assert_eq!(next_ssh_attempt(two, Duration::from_millis(3)), two, "a refused connection retries at the same limit");
+        assert_eq!(next_ssh_attempt(two, two), Duration::from_secs(4));
+        let mut limit = two;
+        for _ in 0..10 {
+            limit = next_ssh_attempt(limit, limit);
+        }
+        assert_eq!(limit, SSH_ATTEMPT_MAX);
     }
 }
