@@ -10,6 +10,8 @@ pub mod build;
 pub mod cli;
 /// Deadlines for everything that waits: the error says what, how long, and the last cause.
 pub mod deadline;
+/// Allow-listed, recorded, replayable network egress: the build's HTTP proxy, download cache, export/import.
+pub mod egress;
 /// Text from outside escaped before it is printed: no control characters reach a terminal.
 pub mod escape;
 /// The guest stage: per-run SSH keys, the authenticated session, guest facts.
