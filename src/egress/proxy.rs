@@ -563,33 +563,30 @@ async fn connect(conn: Conn, req: Request<Incoming>) -> Response<Body> {
             Err(e) => return tracing::debug!("egress proxy: CONNECT {target} not upgraded: {e}"),
         };
         let mut guest = TokioIo::new(upgraded);
-        let mut upstream = Metered { inner: upstream, shared: shared.clone(), down: 0 };
+        let mut upstream = Metered { inner: upstream, shared: shared.clone(), up: 0, down: 0 };
         let result = tokio::select! {
-            result = tokio::io::copy_bidirectional(&mut guest, &mut upstream) => result.map(|(up, _)| up),
-            () = stopped => Ok(0),
+            result = tokio::io::copy_bidirectional(&mut guest, &mut upstream) => result.map(drop),
+            () = stopped => Ok(()),
         };
-        let (bytes_up, bytes_down) = match result {
-            Ok(up) => (up, upstream.down),
-            Err(e) => {
-                if shared.exhausted() {
-                    shared.recorder.refuse("CONNECT", &target, 507, format!("tunnel cut: {}", shared.limit_reason()));
-                } else {
-                    tracing::debug!("egress proxy: tunnel to {target} ended: {e}");
-                }
-                (0, upstream.down)
+        if let Err(e) = result {
+            if shared.exhausted() {
+                shared.recorder.refuse("CONNECT", &target, 507, format!("tunnel cut: {}", shared.limit_reason()));
+            } else {
+                tracing::debug!("egress proxy: tunnel to {target} ended: {e}");
             }
-        };
-        shared.recorder.tunnel(Tunnel { host, port, bytes_up, bytes_down });
+        }
+        shared.recorder.tunnel(Tunnel { host, port, bytes_up: upstream.up, bytes_down: upstream.down });
         drop(conn);
     });
     Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
 }
 
-/// The upstream side of a tunnel: counts the bytes read from it against
-/// the download limit, and fails reads past it.
+/// The upstream side of a tunnel: counts the bytes both ways, charges those
+/// read from it to the download limit, and fails reads past it.
 struct Metered {
     inner: TcpStream,
     shared: Arc<Shared>,
+    up: u64,
     down: u64,
 }
 
@@ -609,7 +606,11 @@ impl AsyncRead for Metered {
 
 impl AsyncWrite for Metered {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.up += n as u64;
+        }
+        poll
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
