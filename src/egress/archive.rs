@@ -85,7 +85,6 @@ pub fn export(cache: &DownloadCache, downloads: &[Download], out: &Path) -> Resu
         }
         add(&name, size, &mut file).map_err(&write_err)?;
     }
-    drop(add);
     tar.into_inner().and_then(|mut w| w.flush()).map_err(&write_err)?;
     tmp.as_file().set_permissions(Permissions::from_mode(0o644)).map_err(&write_err)?;
     tmp.persist(out).map_err(|e| path_error("create", out)(e.error))?;
@@ -183,8 +182,11 @@ mod tests {
         (cache, downloads)
     }
 
+    /// A member of a hand-made tar: name, type, bytes.
+    type Member<'a> = (&'a str, tar::EntryType, &'a [u8]);
+
     /// A tar written member by member, to build hostile files.
-    fn raw_tar(out: &Path, members: &[(&str, tar::EntryType, &[u8])]) {
+    fn raw_tar(out: &Path, members: &[Member<'_>]) {
         let mut tar = tar::Builder::new(File::create(out).unwrap());
         for (name, kind, data) in members {
             let mut h = header(data.len() as u64);
@@ -242,7 +244,7 @@ mod tests {
         let member = format!("sha256/{sha}");
         let upper = format!("sha256/{}", sha.to_uppercase());
         let reg = tar::EntryType::Regular;
-        let cases: Vec<(&str, Vec<(&str, tar::EntryType, &[u8])>)> = vec![
+        let cases: Vec<(&str, Vec<Member<'_>>)> = vec![
             ("no manifest first", vec![(member.as_str(), reg, b"body"), (MANIFEST, reg, &json)]),
             ("traversal", vec![(MANIFEST, reg, &json), ("sha256/../../evil", reg, b"body")]),
             (
