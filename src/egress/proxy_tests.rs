@@ -23,6 +23,7 @@ use super::*;
 struct Origin {
     port: u16,
     seen: Arc<Mutex<Vec<String>>>,
+    connections: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
 }
 
@@ -32,19 +33,21 @@ impl Origin {
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let closed = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
         let routes = Arc::new(routes);
-        let (seen2, closed2) = (seen.clone(), closed.clone());
+        let (seen2, closed2, connections2) = (seen.clone(), closed.clone(), connections.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if closed2.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(stream) = stream else { continue };
+                connections2.fetch_add(1, Ordering::SeqCst);
                 let (routes, seen) = (routes.clone(), seen2.clone());
                 std::thread::spawn(move || Origin::answer(stream, &routes, &seen));
             }
         });
-        Origin { port, seen, closed }
+        Origin { port, seen, connections, closed }
     }
 
     fn answer(mut stream: TcpStream, routes: &[(&str, u16, Vec<u8>)], seen: &Mutex<Vec<String>>) {
@@ -282,7 +285,7 @@ async fn hosts_outside_the_allow_list_and_names_for_loopback_reach_nothing() {
     let connect = raw(&sock, b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n").await;
     assert!(connect.starts_with("HTTP/1.1 403"), "{connect}");
     let report = proxy.finish().await;
-    assert_eq!(origin.requests(), 0, "the local origin saw no request");
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 0, "nothing connected to the local origin");
     assert!(report.downloads.is_empty() && report.tunnels.is_empty());
     assert_eq!(report.refused.len(), 5, "{:?}", report.refused);
 }
@@ -414,7 +417,7 @@ async fn attack_request_smuggling_is_refused_and_nothing_reaches_the_origin() {
         assert!(!answer.contains("gotcha") && !answer.contains("alpha"), "{framing:?} -> {answer}");
     }
     proxy.finish().await;
-    assert_eq!(origin.requests(), 0, "the origin saw no request: {:?}", origin.seen.lock().unwrap());
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 0, "the origin saw no connection: {:?}", origin.seen.lock().unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,4 +463,23 @@ async fn attack_a_hundred_concurrent_clients_and_idle_connections_do_not_stop_it
     }
     let report = tokio::time::timeout(Duration::from_secs(10), proxy.finish()).await.expect("finish ends idle connections");
     assert_eq!(report.downloads.len(), 1, "one URL, one download: {:?}", report.downloads);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_guest_abandons_is_recorded_incomplete_not_as_a_download() {
+    let origin = Origin::start(vec![("/big", 200, vec![7u8; 8 << 20])]);
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp_cache(tmp.path(), "c");
+    let (proxy, sock) = start(tmp.path(), policy(&[], &[&origin.host()], EgressMode::Record), &cache);
+    let mut stream = UnixStream::connect(&sock).await.unwrap();
+    stream.write_all(format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", origin.url("/big"), origin.host()).as_bytes()).await.unwrap();
+    let mut some = vec![0u8; 4096];
+    stream.read_exact(&mut some).await.unwrap();
+    assert!(some.starts_with(b"HTTP/1.1 200"));
+    drop(stream);
+    let report = tokio::time::timeout(Duration::from_secs(20), proxy.finish()).await.unwrap();
+    assert!(report.downloads.is_empty(), "{:?}", report.downloads);
+    assert_eq!(report.refused.len(), 1, "{:?}", report.refused);
+    assert!(report.refused[0].reason.starts_with("incomplete:"), "{:?}", report.refused);
+    assert_eq!(std::fs::read_dir(cache.dir()).unwrap().count(), 0, "nothing partial enters the cache");
 }
