@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::egress::report::Download;
 use crate::egress::EgressError;
+use crate::escape::escape;
 use crate::image::pin::hash_reader;
 use crate::image::store::Store;
 use crate::path_error::path_error;
@@ -67,12 +68,14 @@ impl DownloadCache {
     /// The entry for `download`, opened once, hashed through that descriptor
     /// and rewound: what is read from it is what was checked.
     pub(crate) fn open_verified(&self, download: &Download) -> Result<File, EgressError> {
-        let missing = || EgressError::NotCached { url: download.url.clone(), sha256: download.sha256.clone(), dir: self.dir.clone() };
+        // The record may come from an imported file: its text is escaped before it goes into an error.
+        let url = || escape(&download.url).into_owned();
+        let missing = || EgressError::NotCached { url: url(), sha256: escape(&download.sha256).into_owned(), dir: self.dir.clone() };
         let path = self.path_of(&download.sha256).ok_or_else(missing)?;
         let mut file = File::open(&path).map_err(path_error("open", &path))?;
         let (actual, _) = hash_reader(&file, |_| Ok(())).map_err(path_error("hash", &path))?;
         if actual.hex() != download.sha256 {
-            return Err(EgressError::HashMismatch { url: download.url.clone(), expected: download.sha256.clone(), actual: actual.hex() });
+            return Err(EgressError::HashMismatch { url: url(), expected: download.sha256.clone(), actual: actual.hex() });
         }
         file.seek(SeekFrom::Start(0)).map_err(path_error("rewind", &path))?;
         Ok(file)

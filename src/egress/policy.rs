@@ -22,7 +22,7 @@ pub struct AllowedHost {
 
 /// A string that is not an allowed host.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{value:?} is not an allowed host: {reason} (expected a host name or IP literal with an optional port, e.g. deb.debian.org, deb.debian.org:80, 127.0.0.1:8080, [::1]:8080)")]
+#[error("`{value}` is not an allowed host: {reason} (expected a host name or IP literal with an optional port, e.g. deb.debian.org, deb.debian.org:80, 127.0.0.1:8080, [::1]:8080)")]
 pub struct BadAllowedHost {
     /// The rejected text, escaped.
     pub value: String,
