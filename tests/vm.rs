@@ -121,6 +121,7 @@ async fn boot_test_machine(env: &TestEnv, cpus: u32, memory_mib: u32) -> Machine
         runtime_dir: env.tmp.clone(),
         disks: Vec::new(),
         network: Network::None,
+        egress: None,
         log_limit: 64 << 20,
     };
     Machine::boot(&image, &opts).await.unwrap()
@@ -147,7 +148,10 @@ fn one_builder_qmp_host_key_facts_and_powerdown() {
         assert!(machine.facts.memory_kib > 900_000 && machine.facts.memory_kib <= 1024 * 1024);
         // Only the host key made for this run is accepted.
         let port = machine.ssh_port();
-        let impostor_view = tokio::task::spawn_blocking(move || GuestSession::connect(port, &RunKeys::generate().unwrap(), Duration::from_secs(2))).await.unwrap();
+        let impostor_view =
+            tokio::task::spawn_blocking(move || GuestSession::connect(port, &RunKeys::generate().unwrap(), Duration::from_secs(2)))
+                .await
+                .unwrap();
         assert!(matches!(impostor_view, Err(GuestError::HostKeyMismatch { .. })), "a different host key must be refused");
         // The session of this run works and runs commands as root.
         let session = machine.take_session().unwrap();

@@ -54,11 +54,15 @@ int main(void)
         if (s < 2 || (max >= 0xd && (a || b || c || d)))
             leaf(0xd, s);
     }
+    for (unsigned s = 0; s < 2; s++)
+        leaf(0x1f, s);
     for (unsigned l = 0x80000000; l <= 0x80000008; l++)
         leaf(l, 0);
     /* The hypervisor range: answered by the hypervisor whatever the maximum
-     * basic leaf (TCG: "TCGTCGTCGTCG", KVM: "KVMKVMKVM" unless kvm=off). */
+     * basic leaf (TCG: "TCGTCGTCGTCG" unless tcg-cpuid=off, KVM:
+     * "KVMKVMKVM" unless kvm=off, else the highest basic leaf's values). */
     leaf(0x40000000, 0);
+    leaf(0x40000001, 0);
     printf("cpuid max basic leaf %08x, max extended leaf %08x\n", max, emax);
     return 0;
 }

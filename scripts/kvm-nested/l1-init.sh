@@ -131,7 +131,7 @@ if [ "${CHECK_FALLBACK:-0}" = 1 ]; then
   for m in $FALLBACK_MODELS; do
     lacks="$(awk -v m="$m" '$1 == m { $1 = ""; print }' "$OUT/kvm-unavailable.txt" | tr ' ' '\n' | grep -v -x -e '' -e vme -e x2apic -e pmu | tr '\n' ' ')"
     [ -n "$lacks" ] || continue
-    timeout 120 qemu-system-x86_64 -machine pc-q35-7.2,accel=kvm -cpu "$m,enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on" \
+    timeout 120 qemu-system-x86_64 -machine pc-q35-7.2,accel=kvm -cpu "$m,enforce,level=31,vme=off,x2apic=off,pmu=off,kvm=off,tcg-cpuid=off,hypervisor=on" \
       -nodefaults -display none -S -m 64 >"$OUT/fallback-probe-$m.log" 2>&1 &
     pid=$!
     # Refused: QEMU exits at once. Accepted: it waits, stopped (-S).

@@ -87,6 +87,7 @@ fn explaining_fields(r: &BuildResult) -> Vec<(&'static str, String)> {
         ("build command", r.inputs.recipe.effective.build.command.clone()),
         ("build env", format!("{:?}", r.inputs.recipe.effective.build.env)),
         ("network", format!("{:?}", r.machine.network).to_lowercase()),
+        ("network allow list", format!("{:?}", r.inputs.recipe.effective.build.network)),
         ("reprovm version", r.reprovm_version.clone()),
         ("QEMU version", m.qemu_version.clone()),
         ("accelerator", m.accelerator.as_str().to_string()),
@@ -105,17 +106,45 @@ fn explaining_fields(r: &BuildResult) -> Vec<(&'static str, String)> {
 }
 
 /// Inputs whose recorded values differ between the result.json records:
-/// (name, value per record; `-` where the record is a bare SHA256SUMS).
-pub fn differing_inputs(records: &[&Record]) -> Vec<(&'static str, Vec<String>)> {
+/// (name, value per record; `-` where the record is a bare SHA256SUMS),
+/// then each recorded download whose bytes differ (`download <URL>`, the
+/// SHA-256 per record; `none` where a record did not fetch it).
+pub fn differing_inputs(records: &[&Record]) -> Vec<(String, Vec<String>)> {
     let fields: Vec<Option<Vec<(&'static str, String)>>> = records.iter().map(|r| r.result.as_ref().map(explaining_fields)).collect();
     let Some(template) = fields.iter().flatten().next() else { return Vec::new() };
-    (0..template.len())
+    let differ = |values: &[String]| values.iter().filter(|v| *v != "-").collect::<BTreeSet<_>>().len() > 1;
+    let mut out: Vec<(String, Vec<String>)> = (0..template.len())
         .filter_map(|i| {
             let values: Vec<String> = fields.iter().map(|f| f.as_ref().map_or("-".to_string(), |f| f[i].1.clone())).collect();
-            let recorded: BTreeSet<&String> = values.iter().filter(|v| *v != "-").collect();
-            (recorded.len() > 1).then(|| (template[i].0, values))
+            differ(&values).then(|| (template[i].0.to_string(), values))
         })
-        .collect()
+        .collect();
+    let urls: BTreeSet<(&str, &str)> = records
+        .iter()
+        .flat_map(|r| r.result.iter().flat_map(|res| &res.inputs.downloads))
+        .map(|d| (d.method.as_str(), d.url.as_str()))
+        .collect();
+    for (method, url) in urls {
+        let values: Vec<String> = records
+            .iter()
+            .map(|r| match &r.result {
+                None => "-".to_string(),
+                Some(res) => {
+                    let hashes: Vec<&str> =
+                        res.inputs.downloads.iter().filter(|d| d.method == method && d.url == url).map(|d| d.sha256.as_str()).collect();
+                    if hashes.is_empty() {
+                        "none".to_string()
+                    } else {
+                        hashes.join(" ")
+                    }
+                }
+            })
+            .collect();
+        if differ(&values) {
+            out.push((format!("download {method} {url}"), values));
+        }
+    }
+    out
 }
 
 fn short(hash: &Option<String>) -> String {
@@ -142,13 +171,13 @@ pub fn render_rows(rows: &[Row], headers: &[String]) -> String {
 }
 
 /// The "what differs in the inputs" section (empty when nothing differs).
-pub fn render_inputs(differences: &[(&'static str, Vec<String>)], headers: &[String]) -> String {
+pub fn render_inputs(differences: &[(String, Vec<String>)], headers: &[String]) -> String {
     if differences.is_empty() {
         return String::new();
     }
     let mut out = String::from("recorded inputs that differ:\n");
     for (name, values) in differences {
-        let _ = writeln!(out, "  {name}:");
+        let _ = writeln!(out, "  {}:", escape(name));
         for (h, v) in headers.iter().zip(values) {
             let _ = writeln!(out, "    {h}: {}", escape(v));
         }

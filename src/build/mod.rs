@@ -12,11 +12,12 @@ pub mod source;
 
 pub use recipe::{BuildRecipe, RecipeError, RECIPE_FILE};
 pub use result::{BuildResult, Record, RecordError};
-pub use run::{BuildRequest, Progress};
+pub use run::{BuildRequest, EgressRequest, Progress};
 
 use crate::build::artifacts::ArtifactError;
 use crate::build::output::OutputError;
 use crate::build::source::SourceError;
+use crate::egress::EgressError;
 use crate::host_tools::ToolError;
 use crate::image::StoreError;
 use crate::interrupt::Interrupted;
@@ -118,6 +119,10 @@ pub enum BuildError {
     /// A file operation on the host failed (output or temporary directory).
     #[error(transparent)]
     Io(#[from] PathError),
+    /// The egress proxy or its download cache failed, or a replayed
+    /// download does not match its record.
+    #[error(transparent)]
+    Egress(#[from] EgressError),
     /// Interrupted by a signal.
     #[error(transparent)]
     Interrupted(#[from] Interrupted),
@@ -141,6 +146,7 @@ impl BuildError {
             | BuildError::Artifacts { .. }
             | BuildError::Extract(ArtifactError::Unsafe { .. } | ArtifactError::Archive(_)) => Exit::BuildFailed,
             BuildError::Extract(ArtifactError::Write(_)) => Exit::Usage,
+            BuildError::Egress(e) => e.exit(),
         }
     }
 }

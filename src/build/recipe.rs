@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::egress::AllowedHost;
 use crate::image::Pin;
 pub use crate::vm::Network;
 use crate::vm::{AccelChoice, MachineSpec};
@@ -115,7 +116,7 @@ pub struct BuildSection {
     pub env: BTreeMap<String, String>,
     /// Network access during provisioning and the build.
     #[serde(default)]
-    pub network: Network,
+    pub network: NetworkAccess,
     /// Limit for the build command in seconds.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
@@ -132,6 +133,71 @@ pub struct BuildSection {
 
 fn default_timeout() -> u64 {
     DEFAULT_TIMEOUT_SECS
+}
+
+/// `build.network`: `"none"` (the default: no route out), `"nat"` (QEMU's
+/// NAT, unrecorded; only with `--network nat`), or a table
+/// `{ allow = ["host[:port]", …] }`: the build reaches exactly those hosts,
+/// through reprovm's allow-listed, recording proxy (docs/network.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "NetworkField", into = "NetworkField")]
+pub enum NetworkAccess {
+    /// No route out of the guest.
+    #[default]
+    None,
+    /// QEMU's user-mode NAT.
+    Nat,
+    /// Only these hosts (`host` or `host:port`), through the egress proxy.
+    Allow(Vec<String>),
+}
+
+impl NetworkAccess {
+    /// The machine's network for this access.
+    pub fn machine_network(&self) -> Network {
+        match self {
+            NetworkAccess::None => Network::None,
+            NetworkAccess::Nat => Network::Nat,
+            NetworkAccess::Allow(_) => Network::Egress,
+        }
+    }
+}
+
+/// How `build.network` is written in TOML.
+#[derive(Deserialize, Serialize)]
+#[serde(untagged, expecting = "\"none\", \"nat\" or a table { allow = [\"host[:port]\", ...] }")]
+enum NetworkField {
+    Mode(String),
+    Table(AllowTable),
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct AllowTable {
+    allow: Vec<String>,
+}
+
+impl TryFrom<NetworkField> for NetworkAccess {
+    type Error = String;
+    fn try_from(field: NetworkField) -> Result<Self, String> {
+        match field {
+            NetworkField::Mode(mode) if mode == "none" => Ok(NetworkAccess::None),
+            NetworkField::Mode(mode) if mode == "nat" => Ok(NetworkAccess::Nat),
+            NetworkField::Mode(mode) => {
+                Err(format!("unknown network {:?}: expected \"none\", \"nat\" or a table {{ allow = [\"host[:port]\", ...] }}", mode))
+            }
+            NetworkField::Table(table) => Ok(NetworkAccess::Allow(table.allow)),
+        }
+    }
+}
+
+impl From<NetworkAccess> for NetworkField {
+    fn from(access: NetworkAccess) -> Self {
+        match access {
+            NetworkAccess::None => NetworkField::Mode("none".into()),
+            NetworkAccess::Nat => NetworkField::Mode("nat".into()),
+            NetworkAccess::Allow(allow) => NetworkField::Table(AllowTable { allow }),
+        }
+    }
 }
 
 /// A recipe that cannot be used (exit code 2).
@@ -230,7 +296,7 @@ impl BuildRecipe {
                 return Err(RecipeError::OverCeiling { path: path.to_path_buf(), field, value, ceiling, flag });
             }
         }
-        if self.build.network == Network::Nat && !granted_nat {
+        if self.build.network == NetworkAccess::Nat && !granted_nat {
             return Err(RecipeError::NetworkNotGranted { path: path.to_path_buf() });
         }
         Ok(())
@@ -302,6 +368,11 @@ impl BuildRecipe {
         for glob in &build.artifacts {
             check_artifact_glob(glob).map_err(|why| bad("build.artifacts", glob, why))?;
         }
+        if let NetworkAccess::Allow(hosts) = &build.network {
+            for (i, host) in hosts.iter().enumerate() {
+                host.parse::<AllowedHost>().map_err(|e| bad(&format!("build.network.allow[{i}]"), host, &e.to_string()))?;
+            }
+        }
         if let Some(script) = build.provision.iter().find(|s| s.trim().is_empty() || s.contains('\0')) {
             return Err(bad("build.provision", script, "non-empty shell command lines without NUL bytes"));
         }
@@ -329,7 +400,7 @@ mod tests {
     #[test]
     fn minimal_recipe_gets_defaults() {
         let r = parse(MINIMAL).unwrap();
-        assert_eq!(r.build.network, Network::None);
+        assert_eq!(r.build.network, NetworkAccess::None);
         assert_eq!(r.build.timeout_secs, DEFAULT_TIMEOUT_SECS);
         assert_eq!(r.machine, MachineSection::default());
         assert!(r.build.provision.is_empty() && r.build.env.is_empty());
@@ -344,7 +415,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.machine.accel, Some(AccelChoice::Tcg));
-        assert_eq!(r.build.network, Network::Nat);
+        assert_eq!(r.build.network, NetworkAccess::Nat);
         assert_eq!(r.build.env["CFLAGS"], "-O2");
     }
 
@@ -401,6 +472,21 @@ mod tests {
         assert!(e.contains("build.network") && e.contains("--network nat"), "{e}");
         greedy.check_host_limits(p, true, |_| true).unwrap();
         parse(MINIMAL).unwrap().check_host_limits(p, false, |_| false).unwrap();
+    }
+
+    #[test]
+    fn an_allow_list_means_the_egress_proxy_and_each_host_is_checked() {
+        let r = parse(&format!("{MINIMAL}[build.network]\nallow = [\"deb.debian.org\", \"security.debian.org:80\"]\n")).unwrap();
+        assert_eq!(r.build.network, NetworkAccess::Allow(vec!["deb.debian.org".into(), "security.debian.org:80".into()]));
+        assert_eq!(r.build.network.machine_network(), Network::Egress);
+        let again = BuildRecipe::parse(&toml::to_string(&r).unwrap(), Path::new("again")).unwrap();
+        assert_eq!(again, r, "the effective recipe round-trips");
+        let e = field_error(&format!("{MINIMAL}[build.network]\nallow = [\"ok.example\", \"*.debian.org\"]\n"));
+        assert!(e.contains("build.network.allow[1]") && e.contains("*.debian.org"), "{e}");
+        let e = field_error(&format!("{MINIMAL}[build.network]\nallow = [\"evil\\u001b[2J\"]\n"));
+        assert!(e.contains("build.network.allow[0]") && !e.contains('\u{1b}'), "escaped: {e}");
+        let e = parse(&format!("{MINIMAL}[build.network]\nallow = []\nproxy = \"x\"\n")).unwrap_err().to_string();
+        assert!(e.contains("src/reprovm.toml") && e.contains("allow"), "{e}");
     }
 
     #[test]

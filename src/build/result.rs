@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::build::artifacts::{parse_sha256sums, Artifact, BadSums};
 use crate::build::recipe::BuildRecipe;
 use crate::build::source::SourceRecord;
+use crate::egress::{Download, Refusal, Tunnel};
 use crate::guest::GuestFacts;
 use crate::vm::{LaunchedMachine, Network};
 
@@ -30,6 +31,9 @@ pub struct BuildResult {
     pub machine: MachineRecord,
     /// What the guest reported about itself.
     pub guest: GuestFacts,
+    /// The egress proxy's account, for a build with an allow list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressRecord>,
     /// The artifacts, sorted by path.
     pub outputs: Vec<Artifact>,
     /// Seconds per stage.
@@ -51,6 +55,28 @@ pub struct Inputs {
     pub source_date_epoch_from: String,
     /// The recipe.
     pub recipe: RecipeRecord,
+    /// Every plain-HTTP response the build received through the egress
+    /// proxy (method, URL, status, size, SHA-256), sorted; what `--replay`
+    /// answers from (docs/network.md).
+    #[serde(default)]
+    pub downloads: Vec<Download>,
+}
+
+/// What the egress proxy allowed and saw, for a build with an allow list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressRecord {
+    /// The recipe's allow list.
+    pub allow: Vec<String>,
+    /// Hosts the user allowed with `--allow` (which may be private addresses).
+    pub allow_cli: Vec<String>,
+    /// The result.json whose downloads were replayed, with no network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed_from: Option<PathBuf>,
+    /// HTTPS tunnels (CONNECT): host, port and byte counts; their content is
+    /// not recorded and cannot be replayed.
+    pub tunnels: Vec<Tunnel>,
+    /// Requests the proxy refused, and why.
+    pub refused: Vec<Refusal>,
 }
 
 /// The recipe as used.

@@ -13,19 +13,20 @@ use std::time::{Duration, Instant};
 use crate::build::artifacts::{self, Artifact};
 use crate::build::output::OutputDir;
 use crate::build::recipe::BuildRecipe;
-use crate::build::result::{BuildResult, Inputs, MachineRecord, RecipeRecord, Timings, RESULT_FORMAT};
+use crate::build::result::{BuildResult, EgressRecord, Inputs, MachineRecord, RecipeRecord, Timings, RESULT_FORMAT};
 use crate::build::source::SourceTree;
 use crate::build::BuildError;
 use crate::deadline::Deadline;
+use crate::egress::{AllowedHost, Download, DownloadCache, EgressMode, EgressPolicy, Proxy, DEFAULT_DOWNLOAD_LIMIT};
 use crate::escape::{escape, EscapingWriter};
 use crate::guest::session::BUILD_USER;
-use crate::guest::{GuestError, GuestSession};
+use crate::guest::{GuestError, GuestFacts, GuestSession};
 use crate::host_tools::{make_ext4, Ext4Spec};
 use crate::image::{Pin, Store, VerifiedImage};
 use crate::logs::tail_of;
 use crate::logs::{CappedLog, SharedLog};
 use crate::path_error::path_error;
-use crate::vm::{AccelChoice, BootOptions, ExtraDisk, Machine, VmError};
+use crate::vm::{AccelChoice, BootOptions, EgressRelay, ExtraDisk, LaunchedMachine, Machine, Network, VmError, EGRESS_PROXY};
 
 /// Mounts the scratch disk in the guest (run as root).
 const PREPARE_SCRIPT: &str = include_str!("../../provision/prepare-build");
@@ -64,6 +65,25 @@ pub struct BuildRequest {
     pub out: PathBuf,
     /// The most bytes kept of build.log and of serial.log each.
     pub log_limit: u64,
+    /// What the user adds to a build with an allow list.
+    pub egress: EgressRequest,
+}
+
+/// The hosts a build may reach and how (docs/network.md), resolved from the
+/// recipe's allow list and the command line.
+#[derive(Clone, Debug, Default)]
+pub struct EgressRequest {
+    /// The recipe's `build.network.allow`.
+    pub allow: Vec<AllowedHost>,
+    /// `--allow` hosts: allowed even where they resolve to this host or its
+    /// private network.
+    pub allow_cli: Vec<AllowedHost>,
+    /// `--replay`: the result.json and the downloads it recorded; the build
+    /// then runs with no network at all.
+    pub replay: Option<(PathBuf, Vec<Download>)>,
+    /// `--replay-fetch`: a recorded download missing from the cache may be
+    /// fetched from its URL (and must match its hash).
+    pub fetch_missing: bool,
 }
 
 /// Where a build reports its stages: a spinner on a terminal, plain lines
@@ -146,7 +166,13 @@ fn prepare_disks(req: &BuildRequest, staging: &Path, machine_clock: i64) -> Resu
     Ok(Prepared { disks, source, epoch, epoch_from })
 }
 
-/// The build environment: only what reprovm sets, then the recipe's.
+/// The egress proxy as the guest reaches it.
+fn egress_proxy_url() -> String {
+    format!("http://{}:{}", EGRESS_PROXY.0, EGRESS_PROXY.1)
+}
+
+/// The build environment: only what reprovm sets (with an allow list, the
+/// proxy variables that HTTP clients read), then the recipe's.
 fn build_env(recipe: &BuildRecipe, epoch: i64, root: bool) -> Vec<(String, String)> {
     let (user, home) = if root { ("root", "/root") } else { (BUILD_USER, "/build/home") };
     let mut env: std::collections::BTreeMap<String, String> = [
@@ -163,6 +189,11 @@ fn build_env(recipe: &BuildRecipe, epoch: i64, root: bool) -> Vec<(String, Strin
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     env.insert("SOURCE_DATE_EPOCH".into(), epoch.to_string());
+    if recipe.build.network.machine_network() == Network::Egress {
+        for name in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+            env.insert(name.into(), egress_proxy_url());
+        }
+    }
     env.extend(recipe.build.env.clone());
     env.into_iter().collect()
 }
@@ -223,7 +254,8 @@ fn ssh_failure(source: GuestError) -> BuildError {
 /// Mount, provision, build: over SSH, on a blocking thread.
 fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path: &Path) -> Result<GuestOutcome, BuildError> {
     let start = Instant::now();
-    let mount = format!("sh -c {}", quote(PREPARE_SCRIPT));
+    let proxy = if req.recipe.build.network.machine_network() == Network::Egress { egress_proxy_url() } else { String::new() };
+    let mount = format!("sh -c {} prepare-build {}", quote(PREPARE_SCRIPT), quote(&proxy));
     let (status, out, err) =
         session.exec_capture_until(&mount, Some((Deadline::after(GUEST_STEP_LIMIT), "the scratch disk to mount"))).map_err(ssh_failure)?;
     if status != 0 {
@@ -406,6 +438,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
             prepared.epoch
         );
     }
+    let egress = start_egress(req, prepared.disks.dir.path())?;
     progress.begin("booting the builder", false);
     let opts = BootOptions {
         spec: req.recipe.machine.spec(clock),
@@ -417,10 +450,56 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
             ExtraDisk { path: prepared.disks.scratch(), serial: SCRATCH_SERIAL.into() },
             ExtraDisk { path: prepared.disks.output(), serial: OUTPUT_SERIAL.into() },
         ],
-        network: req.recipe.build.network,
+        network: req.recipe.build.network.machine_network(),
+        egress: egress.as_ref().map(|e| e.relay.clone()),
         log_limit: req.log_limit,
     };
-    let mut machine = Machine::boot(&image, &opts).await?;
+    let guest = guest_stages(req, &image, &opts, &prepared, output, progress, &mut timings).await;
+    let egress = match egress {
+        Some(egress) => Some(egress.finish(req).await?),
+        None => None,
+    };
+    let (launched, facts, artifacts) = guest?;
+    let downloads = match &egress {
+        Some(record) => record.0.clone(),
+        None => Vec::new(),
+    };
+
+    let recipe_sha256 = crate::image::pin::hash_file(&req.recipe_file).map_err(path_error("hash", &req.recipe_file))?.hex();
+    timings.total = total.elapsed().as_secs_f64();
+    let result = BuildResult {
+        format: RESULT_FORMAT,
+        reprovm_version: env!("CARGO_PKG_VERSION").to_string(),
+        inputs: Inputs {
+            image: req.image.to_string(),
+            image_name: image.stored.layout.metadata.name.clone(),
+            source: prepared.source,
+            source_date_epoch: prepared.epoch,
+            source_date_epoch_from: prepared.epoch_from.to_string(),
+            recipe: RecipeRecord { file: req.recipe_file.clone(), sha256: recipe_sha256, effective: req.recipe.clone() },
+            downloads,
+        },
+        machine: MachineRecord { launched, network: opts.network, scratch_mib: req.recipe.machine.scratch() },
+        guest: facts,
+        egress: egress.map(|record| record.1),
+        outputs: artifacts,
+        timings,
+    };
+    write_results(output.path(), &result)?;
+    Ok(result)
+}
+
+/// Boot, build, collect, power off, extract: the stages with the guest.
+async fn guest_stages(
+    req: &BuildRequest,
+    image: &VerifiedImage,
+    opts: &BootOptions,
+    prepared: &Prepared,
+    output: &OutputDir,
+    progress: &dyn Progress,
+    timings: &mut Timings,
+) -> Result<(LaunchedMachine, GuestFacts, Vec<Artifact>), BuildError> {
+    let mut machine = Machine::boot(image, opts).await?;
     timings.boot = machine.boot_time.as_secs_f64();
     progress.end(&format!("builder booted under {}, SSH ready", machine.launched.accelerator.as_str()), machine.boot_time);
 
@@ -443,31 +522,66 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
     machine.shutdown(Some(&serial_copy)).await;
     let (disk, staging) = (prepared.disks.output(), output.path().to_path_buf());
     let artifacts: Vec<Artifact> = blocking(move || artifacts::extract(&disk, &staging)).await?;
-    drop(prepared.disks);
     let bytes: u64 = artifacts.iter().map(|a| a.size).sum();
     timings.artifacts = start.elapsed().as_secs_f64();
     progress.end(&format!("{} artifacts fetched, {:.1} MiB", artifacts.len(), bytes as f64 / 1048576.0), start.elapsed());
+    Ok((launched, facts, artifacts))
+}
 
-    let recipe_sha256 = crate::image::pin::hash_file(&req.recipe_file).map_err(path_error("hash", &req.recipe_file))?.hex();
-    timings.total = total.elapsed().as_secs_f64();
-    let result = BuildResult {
-        format: RESULT_FORMAT,
-        reprovm_version: env!("CARGO_PKG_VERSION").to_string(),
-        inputs: Inputs {
-            image: req.image.to_string(),
-            image_name: image.stored.layout.metadata.name.clone(),
-            source: prepared.source,
-            source_date_epoch: prepared.epoch,
-            source_date_epoch_from: prepared.epoch_from.to_string(),
-            recipe: RecipeRecord { file: req.recipe_file.clone(), sha256: recipe_sha256, effective: req.recipe.clone() },
-        },
-        machine: MachineRecord { launched, network: req.recipe.build.network, scratch_mib: req.recipe.machine.scratch() },
-        guest: facts,
-        outputs: artifacts,
-        timings,
+/// The egress proxy of one build, on a socket in the build's private
+/// directory, and how QEMU reaches it.
+struct Egress {
+    proxy: Proxy,
+    relay: EgressRelay,
+}
+
+/// Starts the egress proxy when the build has an allow list (or replays).
+fn start_egress(req: &BuildRequest, dir: &Path) -> Result<Option<Egress>, BuildError> {
+    if req.recipe.build.network.machine_network() != Network::Egress {
+        return Ok(None);
+    }
+    let mode = match &req.egress.replay {
+        Some((_, downloads)) => EgressMode::Replay { downloads: downloads.clone(), fetch_missing: req.egress.fetch_missing },
+        None => EgressMode::Record,
     };
-    write_results(output.path(), &result)?;
-    Ok(result)
+    let policy = EgressPolicy {
+        allow: req.egress.allow.clone(),
+        allow_private: req.egress.allow_cli.clone(),
+        mode,
+        download_limit: DEFAULT_DOWNLOAD_LIMIT,
+    };
+    let socket = dir.join("egress.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).map_err(path_error("listen on", &socket))?;
+    let program = std::env::current_exe().map_err(path_error("locate", Path::new("the reprovm binary")))?;
+    let proxy = Proxy::start(listener, policy, DownloadCache::open_default()?);
+    Ok(Some(Egress { proxy, relay: EgressRelay { program, socket } }))
+}
+
+impl Egress {
+    /// Stops the proxy; its account for result.json. Refused requests are
+    /// summed up in one line (escaped); a replayed download whose bytes no longer match
+    /// its record fails the build (exit 3).
+    async fn finish(self, req: &BuildRequest) -> Result<(Vec<Download>, EgressRecord), BuildError> {
+        let report = self.proxy.finish().await;
+        if !report.refused.is_empty() {
+            let targets: Vec<String> = report.refused.iter().map(|r| format!("{} {} ({})", r.method, r.target, r.status)).collect();
+            tracing::warn!(
+                "egress: {} requests refused (result.json egress.refused): {}",
+                report.refused.len(),
+                escape(&targets.join(", "))
+            );
+        }
+        report.check_hashes()?;
+        let names = |hosts: &[AllowedHost]| hosts.iter().map(AllowedHost::to_string).collect();
+        let record = EgressRecord {
+            allow: names(&req.egress.allow),
+            allow_cli: names(&req.egress.allow_cli),
+            replayed_from: req.egress.replay.as_ref().map(|(file, _)| file.clone()),
+            tunnels: report.tunnels,
+            refused: report.refused,
+        };
+        Ok((report.downloads, record))
+    }
 }
 
 /// Writes result.json and SHA256SUMS into the staging directory (which

@@ -13,9 +13,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::build::artifacts::sha256sums;
 use crate::build::compare::{all_identical, compare_rows, differing_inputs, render_inputs, render_rows, Status};
-use crate::build::{run, BuildRecipe, BuildRequest, BuildResult, Progress, Record, RECIPE_FILE};
+use crate::build::recipe::NetworkAccess;
+use crate::build::{run, BuildRecipe, BuildRequest, BuildResult, EgressRequest, Progress, Record, RECIPE_FILE};
 use crate::cli::run::resolve_image;
 use crate::cli::{Error, MachineArgs};
+use crate::egress::AllowedHost;
 use crate::escape::escape;
 use crate::image::Store;
 use crate::vm::Network;
@@ -43,6 +45,19 @@ pub struct BuildArgs {
     /// `network = "nat"` needs `--network nat`: only the user can grant it.
     #[arg(long, value_enum)]
     pub network: Option<Network>,
+    /// Also let the build reach HOST[:PORT] through the egress proxy, even
+    /// where it is this host or its private network (a recipe's allow list
+    /// never reaches those); repeatable. Implies the egress proxy.
+    #[arg(long = "allow", value_name = "HOST[:PORT]")]
+    pub allow: Vec<String>,
+    /// Answer the build's downloads from those recorded in this result.json
+    /// (and the download cache), with no network at all.
+    #[arg(long, value_name = "RESULT")]
+    pub replay: Option<PathBuf>,
+    /// With --replay: fetch a recorded download missing from the cache from
+    /// its recorded URL (it must have its recorded SHA-256).
+    #[arg(long, requires = "replay")]
+    pub replay_fetch: bool,
     /// Limit for the build in seconds (overrides build.timeout_secs).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
@@ -108,7 +123,16 @@ fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
     section.clock = m.clock.or(section.clock);
     section.accel = m.accel.or(section.accel);
     section.scratch_mib = args.scratch.or(section.scratch_mib);
-    recipe.build.network = args.network.unwrap_or(recipe.build.network);
+    recipe.build.network = match (args.network, recipe.build.network) {
+        (Some(Network::None), _) => NetworkAccess::None,
+        (Some(_), _) => NetworkAccess::Nat,
+        (None, NetworkAccess::Allow(hosts)) => NetworkAccess::Allow(hosts),
+        // --allow and --replay need the egress proxy, with the recipe's
+        // allow list when it has one.
+        (None, _) if !args.allow.is_empty() || args.replay.is_some() => NetworkAccess::Allow(Vec::new()),
+        (None, other) => other,
+    };
+    let egress = egress_request(args, &recipe.build.network)?;
     recipe.build.timeout_secs = args.timeout.unwrap_or(recipe.build.timeout_secs);
     // Overrides get the same checks as the file.
     let text = toml::to_string(&recipe).expect("a recipe serializes");
@@ -127,7 +151,39 @@ fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
         qemu: m.qemu.clone(),
         boot_timeout: Duration::from_secs(m.boot_timeout),
         log_limit: m.log_limit << 20,
+        egress,
     })
+}
+
+/// `--allow`, `--replay` and `--replay-fetch`, checked against the network.
+fn egress_request(args: &BuildArgs, network: &NetworkAccess) -> Result<EgressRequest, Error> {
+    if (!args.allow.is_empty() || args.replay.is_some()) && network.machine_network() != Network::Egress {
+        return Err(Error::Usage(format!(
+            "--allow and --replay use the egress proxy, which --network {} turns off",
+            if *network == NetworkAccess::Nat { "nat" } else { "none" }
+        )));
+    }
+    let allow_cli = args
+        .allow
+        .iter()
+        .map(|host| host.parse::<AllowedHost>().map_err(|e| Error::Usage(format!("invalid value for --allow: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The recipe's list was checked when it was read.
+    let allow = match network {
+        NetworkAccess::Allow(hosts) => hosts.iter().filter_map(|h| h.parse().ok()).collect(),
+        _ => Vec::new(),
+    };
+    let replay = match &args.replay {
+        None => None,
+        Some(file) => {
+            let record = Record::load(file)?;
+            let result = record.result.ok_or_else(|| {
+                Error::Usage(format!("--replay {}: a result.json is needed (a SHA256SUMS records no downloads)", file.display()))
+            })?;
+            Some((file.clone(), result.inputs.downloads))
+        }
+    };
+    Ok(EgressRequest { allow, allow_cli, replay, fetch_missing: args.replay_fetch })
 }
 
 async fn run_build(req: BuildRequest) -> Result<BuildResult, Error> {

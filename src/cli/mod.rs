@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::egress::{DownloadCache, EgressError};
 use crate::image::build::BuildError;
 use crate::image::fetch::FetchError;
 use crate::image::pin::BadPin;
@@ -75,6 +76,16 @@ pub enum Commands {
         /// The machine to boot.
         #[command(flatten)]
         machine: MachineArgs,
+    },
+    /// Recorded downloads: move a build's downloads between machines as one file.
+    #[command(subcommand)]
+    Downloads(DownloadsCommand),
+    /// Internal: run by QEMU for each guest connection to the egress proxy
+    /// (joins its standard input and output to the proxy's socket).
+    #[command(hide = true)]
+    EgressRelay {
+        /// The proxy's Unix socket.
+        socket: PathBuf,
     },
 }
 
@@ -156,6 +167,26 @@ pub enum ImageCommand {
     },
 }
 
+/// `reprovm downloads …`
+#[derive(Debug, Subcommand)]
+pub enum DownloadsCommand {
+    /// Write the downloads a result.json recorded, from the download cache,
+    /// into one file (a tar: the list, then each body by its SHA-256).
+    Export {
+        /// The build's result.json.
+        result: PathBuf,
+        /// The file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Add the downloads of an exported file to the download cache (each
+    /// checked against its SHA-256 first); prints how many.
+    Import {
+        /// The exported file.
+        file: PathBuf,
+    },
+}
+
 /// Any failure of a command, with the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -204,6 +235,9 @@ pub enum Error {
     /// A result or SHA256SUMS file is unusable.
     #[error(transparent)]
     Record(#[from] crate::build::RecordError),
+    /// The download cache, an export file or the egress proxy failed.
+    #[error(transparent)]
+    Egress(#[from] EgressError),
     /// A command-line value contradicts another or the file system.
     #[error("{0}")]
     Usage(String),
@@ -224,6 +258,7 @@ impl Error {
             Error::NoImage { .. } | Error::BadCommand => Exit::Usage,
             Error::Vm(_) => Exit::Vm,
             Error::BuildRun(e) => e.exit(),
+            Error::Egress(e) => e.exit(),
             Error::Recipe(_) | Error::Record(_) | Error::Usage(_) => Exit::Usage,
             Error::Interrupted(_) => Exit::Interrupted,
         }
@@ -278,6 +313,11 @@ pub async fn run(args: Args) -> u8 {
             Commands::Build(args) => build::build(args).await,
             Commands::Verify { build: args, expect, diffoscope } => build::verify(args, expect, diffoscope).await,
             Commands::Compare { results } => build::compare(results),
+            Commands::Downloads(cmd) => downloads(cmd),
+            Commands::EgressRelay { socket } => match tokio::task::spawn_blocking(move || crate::vm::relay::relay(&socket)).await {
+                Ok(Ok(())) => Ok(Exit::Ok.code()),
+                _ => Ok(Exit::Vm.code()),
+            },
         }
     };
     let result = tokio::select! {
@@ -291,6 +331,24 @@ pub async fn run(args: Args) -> u8 {
             err.exit().code()
         }
     }
+}
+
+/// `reprovm downloads export|import`.
+fn downloads(cmd: DownloadsCommand) -> Result<u8, Error> {
+    let cache = DownloadCache::open_default()?;
+    match cmd {
+        DownloadsCommand::Export { result, out } => {
+            let record = crate::build::Record::load(&result)?;
+            let result = record.result.ok_or_else(|| Error::Usage(format!("{}: a result.json is needed", result.display())))?;
+            crate::egress::export(&cache, &result.inputs.downloads, &out)?;
+            eprintln!("{} downloads written to {}", result.inputs.downloads.len(), out.display());
+        }
+        DownloadsCommand::Import { file } => {
+            let downloads = crate::egress::import(&cache, &file)?;
+            println!("{} downloads imported into the download cache", downloads.len());
+        }
+    }
+    Ok(Exit::Ok.code())
 }
 
 fn parse_pin(flag: &'static str, value: &str) -> Result<crate::image::Pin, Error> {

@@ -56,6 +56,7 @@ pub fn boot_options(args: &MachineArgs, image: &VerifiedImage) -> BootOptions {
         runtime_dir: std::env::temp_dir(),
         disks: Vec::new(),
         network: Network::None,
+        egress: None,
         log_limit: args.log_limit << 20,
     }
 }

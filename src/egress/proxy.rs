@@ -1,6 +1,8 @@
 //! The HTTP forward proxy the guest uses (`http_proxy`): absolute-form GET
-//! and HEAD to allowed hosts are fetched (record) or served from the cache
-//! (replay), CONNECT to allowed hosts is tunnelled unrecorded (record only),
+//! and HEAD to allowed hosts are fetched (record), recorded ones are served
+//! from the cache whatever the allow list (replay; a missing entry is
+//! fetched only from an allowed host), CONNECT to allowed hosts is
+//! tunnelled unrecorded (record only),
 //! everything else is refused with a one-line reason and recorded. The guest
 //! is hostile: headers, bodies, connections and downloads are capped, and a
 //! name is resolved once and the vetted address itself is connected to.
@@ -255,8 +257,10 @@ async fn handle(conn: Conn, req: Request<Incoming>) -> Response<Body> {
     let port_part = if port == 80 { String::new() } else { format!(":{port}") };
     let url = format!("http://{}{port_part}{path}", url_host(&host));
     let refuse = |refused: Refused| shared.refuse(&method, &url, refused);
+    // In replay the recorded requests are the allow list: the network is
+    // not used (except by `fetch`, which checks the lists itself).
     let allowed = shared.policy.allowed(&host, port, false);
-    if allowed == Allowed::No {
+    if allowed == Allowed::No && matches!(shared.policy.mode, EgressMode::Record) {
         return refuse(not_allowed(&host, port));
     }
     let upstream = Upstream { host, port, allowed, authority: authority.as_str().to_string(), path };
@@ -494,6 +498,9 @@ async fn replay(conn: &Conn, method: &Method, url: &str, up: &Upstream) -> Resul
     let mut response = Response::new(body.boxed_unsync());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(download.size));
+    // The replayed build's result lists what it was served, as a recording
+    // build's does (so it can itself be replayed and compared).
+    shared.recorder.download(download);
     Ok(response)
 }
 
@@ -509,9 +516,13 @@ async fn open_verified(cache: &DownloadCache, download: &Download) -> Result<Res
 }
 
 /// Replay with `fetch_missing`: fetches a recorded download that is missing
-/// from the cache, and stores it only if it hashes as recorded.
+/// from the cache (from an allowed host only), and stores it only if it
+/// hashes as recorded.
 async fn fetch(conn: &Conn, method: &Method, download: &Download, up: &Upstream) -> Result<(), Refused> {
     let shared = &conn.shared;
+    if up.allowed == Allowed::No {
+        return Err(not_allowed(&up.host, up.port));
+    }
     let writer = shared.cache.writer().map_err(|e| (StatusCode::BAD_GATEWAY, format!("download cache: {e}")))?;
     let response = send(conn, method, up, HeaderMap::new()).await?;
     let writer = pump(shared, response.into_body(), writer, None, 502)

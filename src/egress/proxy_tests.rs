@@ -175,8 +175,9 @@ async fn record_export_import_replay_without_the_origin() {
     origin.close();
     let before = origin.requests();
 
-    let mode = EgressMode::Replay { downloads: manifest, fetch_missing: false };
-    let (proxy, sock) = start(tmp.path(), policy(&[], &[&origin.host()], mode), &fresh);
+    // No allow list at all: in replay the recorded requests are the list.
+    let mode = EgressMode::Replay { downloads: manifest.clone(), fetch_missing: false };
+    let (proxy, sock) = start(tmp.path(), policy(&[], &[], mode), &fresh);
     assert_eq!(get(&sock, &origin.url("/a")).await, (200, b"alpha".to_vec()));
     assert_eq!(get(&sock, &origin.url("/gone")).await, (404, b"nope".to_vec()));
     let (status, body) = get(&sock, &origin.url("/never")).await;
@@ -188,7 +189,7 @@ async fn record_export_import_replay_without_the_origin() {
     assert!(connect.starts_with("HTTP/1.1 403"), "{connect}");
     let report = proxy.finish().await;
     assert_eq!(origin.requests(), before, "replay never touched the network");
-    assert!(report.downloads.is_empty());
+    assert_eq!(report.downloads, manifest[..2], "the replayed build records what it was served");
     assert_eq!(report.refused.len(), 2, "{:?}", report.refused);
     report.check_hashes().unwrap();
 }
@@ -240,6 +241,14 @@ async fn fetch_missing_stores_right_bytes_and_refuses_wrong_ones() {
         (502, format!("reprovm egress: missing from the download cache: {}\n", good[0].sha256))
     );
     proxy.finish().await.check_hashes().unwrap();
+
+    // Missing, but its host is on no allow list: not fetched.
+    let before = origin.requests();
+    let mode = EgressMode::Replay { downloads: good.clone(), fetch_missing: true };
+    let (proxy, sock) = start(tmp.path(), policy(&[], &[], mode), &empty);
+    assert_eq!(get(&sock, &origin.url("/a")).await.0, 403);
+    proxy.finish().await;
+    assert_eq!(origin.requests(), before, "a host off the lists is never contacted");
 
     // Missing, fetched, right bytes: served and stored.
     let mode = EgressMode::Replay { downloads: good.clone(), fetch_missing: true };

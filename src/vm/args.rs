@@ -35,7 +35,17 @@ pub fn check_cpu_model(value: &str) -> Result<(), String> {
 /// Feature adjustments that make a named model look the same under KVM and
 /// TCG: no KVM paravirt leaves or PMU (TCG has neither), no x2apic (QEMU 7.2's
 /// TCG lacks it), no VME (TCG drops it by default), hypervisor bit always on.
-pub const CPU_FEATURES: &str = "enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on";
+///
+/// The hypervisor leaf 0x40000000 is answered by each accelerator its own
+/// way: TCG says "TCGTCGTCGTCG" (`tcg-cpuid=off` makes it zeros), while KVM
+/// with `kvm=off` has no entry for it and answers with the highest basic
+/// leaf, as an Intel CPU does for a leaf out of range (for Nehalem-v1 that
+/// is leaf 0xb, the topology). `level=31` makes the highest basic leaf
+/// 0x1f, which QEMU leaves empty for a one-die machine under both
+/// accelerators (the guest kernel then reads the topology from leaf 0xb as
+/// before): every out-of-range leaf, 0x40000000 included, reads zeros under
+/// both. A model whose own highest leaf is above 0x1f loses those leaves.
+pub const CPU_FEATURES: &str = "enforce,level=31,vme=off,x2apic=off,pmu=off,kvm=off,tcg-cpuid=off,hypervisor=on";
 
 /// The vendor a named model declares. Under KVM, QEMU gives a named model
 /// the *host's* vendor string unless `vendor=` is set, and the guest kernel
@@ -114,6 +124,39 @@ pub enum Network {
     None,
     /// NAT to the outside through QEMU's user-mode networking.
     Nat,
+    /// No route out, except TCP connections to [`EGRESS_PROXY`], which QEMU
+    /// hands to reprovm's allow-listed, recording proxy through
+    /// [`EgressRelay`] (docs/network.md). Set by a recipe's allow list, not
+    /// by `--network`.
+    #[value(skip)]
+    Egress,
+}
+
+/// The address and port the guest reaches reprovm's egress proxy at (a
+/// QEMU `guestfwd` inside user-mode networking's 10.0.2.0/24).
+pub const EGRESS_PROXY: (&str, u16) = ("10.0.2.100", 3128);
+
+/// How QEMU joins a guest connection to [`EGRESS_PROXY`] with reprovm's
+/// proxy: user-mode networking runs `program egress-relay socket` for each
+/// connection, its standard input and output being that connection, and
+/// the relay copies bytes between them and the proxy's Unix socket. No TCP
+/// port is opened on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressRelay {
+    /// The reprovm binary.
+    pub program: PathBuf,
+    /// The proxy's Unix socket (in a private 0700 directory).
+    pub socket: PathBuf,
+}
+
+impl EgressRelay {
+    /// The `guestfwd` rule, with QEMU's option commas doubled.
+    fn guestfwd(&self) -> String {
+        let quote =
+            |p: &PathBuf| shlex::try_quote(&p.display().to_string()).map(|q| q.into_owned()).unwrap_or_else(|_| "/nonexistent".into());
+        let command = format!("{} egress-relay {}", quote(&self.program), quote(&self.socket));
+        format!("guestfwd=tcp:{}:{}-cmd:{}", EGRESS_PROXY.0, EGRESS_PROXY.1, command.replace(',', ",,"))
+    }
 }
 
 /// A disk besides the root filesystem: a raw file the guest finds by its
@@ -157,6 +200,8 @@ pub struct LaunchPlan {
     pub disks: Vec<ExtraDisk>,
     /// Network access.
     pub network: Network,
+    /// With [`Network::Egress`]: the relay QEMU runs per guest connection.
+    pub egress: Option<EgressRelay>,
     /// Confine QEMU with its seccomp sandbox (off only for a QEMU built
     /// without seccomp support).
     pub sandbox: bool,
@@ -165,6 +210,11 @@ pub struct LaunchPlan {
 /// QEMU's seccomp filter: no obsolete system calls, no privilege changes,
 /// no new processes, no scheduler or affinity changes.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// The filter with [`Network::Egress`]: QEMU must start the relay for each
+/// guest connection, so it may spawn processes, and user networking's
+/// child set-up calls setsid(2), which `elevateprivileges=deny` forbids
+/// (docs/security.md).
+pub const SANDBOX_EGRESS: &str = "on,obsolete=deny,resourcecontrol=deny";
 
 /// RTC base in QEMU's format (`2024-11-25T00:00:00`).
 pub fn rtc_base(clock: i64) -> String {
@@ -187,8 +237,9 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
     push(&["-rtc", &format!("base={},clock=vm", rtc_base(spec.clock))]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
     push(&["-action", "panic=none"]);
+    let egress = plan.egress.as_ref().filter(|_| plan.network == Network::Egress);
     if plan.sandbox {
-        push(&["-sandbox", SANDBOX]);
+        push(&["-sandbox", if egress.is_some() { SANDBOX_EGRESS } else { SANDBOX }]);
     }
     push(&["-chardev", &format!("socket,id=serial0,path={},server=off", p(&plan.serial_socket))]);
     push(&["-serial", "chardev:serial0"]);
@@ -214,10 +265,11 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
         push(&["-device", &format!("virtio-blk-pci,drive=disk{i},serial={},werror=report,rerror=report", disk.serial)]);
     }
     let restrict = match plan.network {
-        Network::None => "on",
+        Network::None | Network::Egress => "on",
         Network::Nat => "off",
     };
-    push(&["-netdev", &format!("user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{}-:22", plan.ssh_port)]);
+    let guestfwd = egress.map(|relay| format!(",{}", relay.guestfwd())).unwrap_or_default();
+    push(&["-netdev", &format!("user,id=net0,restrict={restrict},hostfwd=tcp:127.0.0.1:{}-:22{guestfwd}", plan.ssh_port)]);
     push(&["-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"]);
     push(&["-device", "pvpanic"]);
     // Without a hardware RNG a Nehalem guest's kernel takes seconds to seed
@@ -249,6 +301,7 @@ mod tests {
             fw_cfg: vec![("authorized_keys".into(), run.join("authorized_keys"))],
             disks: vec![],
             network: Network::None,
+            egress: None,
             sandbox: true,
         }
     }
@@ -259,7 +312,7 @@ mod tests {
         let expected = [
             "-name reprovm-builder",
             "-machine pc-q35-7.2,accel=tcg",
-            "-cpu Nehalem-v1,vendor=GenuineIntel,enforce,vme=off,x2apic=off,pmu=off,kvm=off,hypervisor=on",
+            "-cpu Nehalem-v1,vendor=GenuineIntel,enforce,level=31,vme=off,x2apic=off,pmu=off,kvm=off,tcg-cpuid=off,hypervisor=on",
             "-smp 2,sockets=1,cores=2,threads=1",
             "-m 2048M",
             "-rtc base=2024-11-25T00:00:00,clock=vm",
@@ -307,6 +360,24 @@ mod tests {
         let scratch = line.find("-blockdev driver=file,node-name=disk0-file,filename=/tmp/b/scratch.img,cache.no-flush=on -blockdev driver=raw,node-name=disk0,file=disk0-file -device virtio-blk-pci,drive=disk0,serial=reprovm-scratch,werror=report,rerror=report").unwrap();
         assert!(root < scratch);
         assert!(line.contains("user,id=net0,restrict=off,hostfwd=tcp:127.0.0.1:40022-:22"));
+    }
+
+    #[test]
+    fn egress_keeps_the_restriction_and_forwards_only_the_proxy_address_to_the_relay() {
+        let mut plan = plan(Accelerator::Tcg);
+        plan.network = Network::Egress;
+        plan.egress = Some(EgressRelay { program: "/opt/re provm,x/reprovm".into(), socket: "/tmp/reprovm-build-X/egress.sock".into() });
+        let args: Vec<String> = qemu_args(&plan).into_iter().map(|a| a.into_string().unwrap()).collect();
+        let netdev = args.iter().skip_while(|a| *a != "-netdev").nth(1).unwrap();
+        assert_eq!(
+            netdev,
+            "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22,guestfwd=tcp:10.0.2.100:3128-cmd:'/opt/re provm,,x/reprovm' egress-relay /tmp/reprovm-build-X/egress.sock"
+        );
+        let sandbox = args.iter().skip_while(|a| *a != "-sandbox").nth(1).unwrap();
+        assert_eq!(sandbox, SANDBOX_EGRESS, "QEMU may start the relay");
+        plan.network = Network::None;
+        let line = qemu_args(&plan).into_iter().map(|a| a.into_string().unwrap()).collect::<Vec<_>>().join(" ");
+        assert!(!line.contains("guestfwd") && line.contains(SANDBOX), "no relay without egress: {line}");
     }
 
     #[test]

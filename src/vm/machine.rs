@@ -25,7 +25,7 @@ use crate::logs::{section, tail_of, CappedLog};
 use crate::path_error::{path_error, PathError};
 use crate::process::Supervised;
 use crate::vm::accel::{candidates, probe_kvm, AccelChoice};
-use crate::vm::args::{cpu_option, qemu_args, Accelerator, ExtraDisk, LaunchPlan, MachineSpec, Network, MACHINE_TYPE};
+use crate::vm::args::{cpu_option, qemu_args, Accelerator, EgressRelay, ExtraDisk, LaunchPlan, MachineSpec, Network, MACHINE_TYPE};
 use crate::vm::qmp::{GuestEvent, Qmp, QmpError};
 
 /// What the guest's init prints on the serial console once userspace runs.
@@ -64,6 +64,8 @@ pub struct BootOptions {
     pub disks: Vec<ExtraDisk>,
     /// Network access.
     pub network: Network,
+    /// With [`Network::Egress`]: how QEMU reaches reprovm's proxy.
+    pub egress: Option<EgressRelay>,
     /// The most bytes of the serial console kept in serial.log.
     pub log_limit: u64,
 }
@@ -287,6 +289,7 @@ fn prepare(image: &VerifiedImage, opts: &BootOptions, accel: Accelerator, sandbo
         fw_cfg: key_files.iter().map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p.clone())).collect(),
         disks: opts.disks.clone(),
         network: opts.network,
+        egress: opts.egress.clone(),
         sandbox,
     };
     Ok(RunFiles { plan, keys, key_files, qemu_log: dir.join("qemu.log"), serial_log: dir.join("serial.log") })
@@ -637,7 +640,8 @@ async fn wait_for_ssh(
         let attempt_keys = keys.clone();
         let limit = attempt_limit.min(deadline.remaining());
         let tried = Instant::now();
-        let attempt = tokio::task::spawn_blocking(move || GuestSession::connect(port, &attempt_keys, limit)).await.expect("SSH thread panicked");
+        let attempt =
+            tokio::task::spawn_blocking(move || GuestSession::connect(port, &attempt_keys, limit)).await.expect("SSH thread panicked");
         let cause = match attempt {
             Ok(session) => return Ok(session),
             Err(GuestError::NotReady(cause)) => cause,
