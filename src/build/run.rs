@@ -64,6 +64,8 @@ pub struct BuildRequest {
     pub out: PathBuf,
     /// The most bytes kept of build.log and of serial.log each.
     pub log_limit: u64,
+    /// The key that signs the provenance (provenance.intoto.dsse.json).
+    pub sign: Option<crate::attest::keys::SigningKey>,
 }
 
 /// Where a build reports its stages: a spinner on a terminal, plain lines
@@ -467,6 +469,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
         timings,
     };
     write_results(output.path(), &result)?;
+    crate::attest::write_provenance(output.path(), &result, req.sign.as_ref())?;
     Ok(result)
 }
 

@@ -1,6 +1,7 @@
 //! The command line: clap definitions, the error type every command returns
 //! (with its exit code), logging set-up, and dispatch to the command functions.
 
+mod attest;
 mod build;
 mod image;
 mod run;
@@ -48,28 +49,35 @@ pub enum Commands {
     /// build.log and serial.log in --out.
     Build(build::BuildArgs),
     /// Rebuild, then compare with published hashes; exit 1 when any artifact
-    /// differs, is missing or is unexpected.
+    /// differs, is missing or is unexpected. With --attestations: no rebuild,
+    /// check that N trusted rebuilders' signed provenance attests the bytes.
     Verify {
         /// The build.
         #[command(flatten)]
         build: build::BuildArgs,
         /// The published SHA256SUMS or result.json.
-        #[arg(long, value_name = "FILE")]
-        expect: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "attestations")]
+        expect: Option<PathBuf>,
         /// Run diffoscope on each differing artifact (reports in OUT/diffoscope/).
         /// diffoscope opens the rebuilt and the published files on this host
         /// with dozens of external tools: ask for it only for files you are
         /// willing to open (docs/security.md).
         #[arg(long)]
         diffoscope: bool,
+        /// Published attestations to check instead of rebuilding.
+        #[command(flatten)]
+        agreement: attest::AgreementArgs,
     },
-    /// Compare recorded results (result.json or SHA256SUMS) of several
-    /// builders without rebuilding; exit 1 when they differ.
+    /// Compare recorded results (result.json, SHA256SUMS or DSSE provenance
+    /// envelopes) of several builders without rebuilding; exit 1 when they differ.
     Compare {
-        /// Two or more result.json or SHA256SUMS files.
+        /// Two or more result.json, SHA256SUMS or provenance envelope files.
         #[arg(required = true, num_args = 2.., value_name = "RESULT")]
         results: Vec<PathBuf>,
     },
+    /// Attestations: sign a build's provenance.
+    #[command(subcommand)]
+    Attest(attest::AttestCommand),
     /// An interactive shell in the builder, torn down on exit.
     Shell {
         /// The machine to boot.
@@ -207,6 +215,36 @@ pub enum Error {
     /// A command-line value contradicts another or the file system.
     #[error("{0}")]
     Usage(String),
+    /// A key file or trusted-keys file is unusable.
+    #[error(transparent)]
+    Key(#[from] crate::attest::keys::KeyError),
+    /// A file to read is missing or over its cap.
+    #[error(transparent)]
+    Read(#[from] crate::attest::ReadError),
+    /// A file cannot be written or hashed.
+    #[error(transparent)]
+    Io(#[from] crate::path_error::PathError),
+    /// A DSSE envelope is unusable.
+    #[error("{}", file.display())]
+    Envelope {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: crate::attest::dsse::EnvelopeError,
+    },
+    /// A provenance statement is unusable.
+    #[error("{}", file.display())]
+    Statement {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: crate::attest::statement::StatementError,
+    },
+    /// The attestations directory cannot be listed.
+    #[error(transparent)]
+    Agreement(#[from] crate::attest::agreement::AgreementError),
     /// Interrupted by a signal.
     #[error(transparent)]
     Interrupted(#[from] Interrupted),
@@ -225,6 +263,9 @@ impl Error {
             Error::Vm(_) => Exit::Vm,
             Error::BuildRun(e) => e.exit(),
             Error::Recipe(_) | Error::Record(_) | Error::Usage(_) => Exit::Usage,
+            Error::Key(_) | Error::Read(_) | Error::Io(_) | Error::Envelope { .. } | Error::Statement { .. } | Error::Agreement(_) => {
+                Exit::Usage
+            }
             Error::Interrupted(_) => Exit::Interrupted,
         }
     }
@@ -276,8 +317,12 @@ pub async fn run(args: Args) -> u8 {
             Commands::Run { machine, command } => run::run(machine, command).await,
             Commands::Shell { machine } => run::shell(machine).await,
             Commands::Build(args) => build::build(args).await,
-            Commands::Verify { build: args, expect, diffoscope } => build::verify(args, expect, diffoscope).await,
+            Commands::Verify { build: args, expect, diffoscope, agreement } => match agreement.attestations {
+                Some(_) => attest::verify(agreement, expect, args.sign),
+                None => build::verify(args, expect.expect("clap requires --expect without --attestations"), diffoscope).await,
+            },
             Commands::Compare { results } => build::compare(results),
+            Commands::Attest(cmd) => attest::run(cmd),
         }
     };
     let result = tokio::select! {
