@@ -281,7 +281,8 @@ impl Report {
         }
         for t in &self.tallies {
             let reference = t.reference.as_deref().map_or_else(|| "no agreed hash (the rebuilders disagree)".to_string(), |h| short(h, 16));
-            let _ = write!(out, "{}: {} of {} trusted rebuilders attest {reference}", escape(&t.path), t.agree.len(), self.threshold);
+            let rebuilders = t.agree.len() + t.differ.len() + t.missing.len();
+            let _ = write!(out, "{}: {} of {rebuilders} trusted rebuilders attest {reference}", escape(&t.path), t.agree.len());
             let name = |keys: &[usize]| keys.iter().map(|&k| trusted.keys[k].label()).collect::<Vec<_>>().join(", ");
             if !t.differ.is_empty() {
                 let _ = write!(out, "; DIFFERS: {}", name(&t.differ));
