@@ -392,3 +392,34 @@ fn an_encrypted_key_needs_its_passphrase_and_never_prompts_without_a_terminal() 
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not the artifacts of"), "{err}");
 }
+
+#[test]
+fn escape_sequences_in_envelopes_never_reach_the_terminal() {
+    let env = TestEnv::new();
+    let (key, public, _) = keygen(env.path(), "alice", "");
+    let keys = trusted_keys(&env, &[&public]);
+    let osc52 = "\u{1b}]52;c;ZXZpbA==\u{7}";
+    // A trusted rebuilder's statement naming an artifact with escapes, a
+    // forged keyid with escapes, and an envelope file name with escapes.
+    let mut result = hello_result(&env.path().join("published"));
+    result.outputs[0].path = format!("{osc52}all artifacts are identical\r");
+    result.machine.launched.qemu_version = format!("7.2{osc52}");
+    let out = output_dir(&env.path().join("out"), &result);
+    fs::remove_file(out.join("SHA256SUMS")).unwrap();
+    let dir = env.path().join("attestations");
+    fs::create_dir(&dir).unwrap();
+    fs::copy(sign(&env, &key, &out), dir.join(format!("{osc52}.json"))).unwrap();
+    let mut forged: serde_json::Value = serde_json::from_slice(&fs::read(out.join("provenance.intoto.dsse.json")).unwrap()).unwrap();
+    forged["signatures"][0]["keyid"] = format!("SHA256:{osc52}").into();
+    fs::write(dir.join("forged.json"), forged.to_string()).unwrap();
+    let (table, err, code) = verify(&env, &dir, &keys, 1, &[]);
+    assert_eq!(code, 0, "{table}{err}");
+    for text in [&table, &err] {
+        assert!(!text.contains('\u{1b}') && !text.contains('\u{7}') && !text.contains('\r'), "raw control characters: {text:?}");
+    }
+    assert!(table.contains("\\x1b]52;c;ZXZpbA==\\x07.json") && table.contains("UNKNOWN KEY: signed by SHA256:\\x1b]52"), "{table}");
+    assert!(table.contains("\\x1b]52;c;ZXZpbA==\\x07all artifacts are identical\\x0d"), "{table}");
+    let (out, err, _) =
+        text(&reprovm(&env).arg("compare").arg(dir.join(format!("{osc52}.json"))).arg(dir.join("forged.json")).output().unwrap());
+    assert!(!out.contains('\u{1b}') && !err.contains('\u{1b}'), "{out:?}{err:?}");
+}

@@ -357,3 +357,41 @@ impl Report {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accepted(key: usize, pairs: &[(&str, &str)]) -> EnvelopeReport {
+        let subjects = pairs.iter().map(|(p, h)| (p.to_string(), h.to_string())).collect();
+        EnvelopeReport {
+            name: format!("{key}.json"),
+            sha256: String::new(),
+            verdict: Ok((vec![key], Attested { subjects, build_type: String::new(), provenance: None })),
+        }
+    }
+
+    #[test]
+    fn distinct_keys_count_once_and_a_tie_has_no_reference() {
+        // Key 0 signs twice: it counts once. Key 2 attests two hashes for `a`: it counts for neither.
+        let envelopes = vec![
+            accepted(0, &[("a", "1"), ("b", "1")]),
+            accepted(0, &[("a", "1")]),
+            accepted(1, &[("a", "1"), ("b", "2")]),
+            accepted(2, &[("a", "1")]),
+            accepted(2, &[("a", "9")]),
+        ];
+        let report = tally(envelopes.clone(), 2, None);
+        let a = &report.tallies[0];
+        assert_eq!((a.reference.as_deref(), a.agree.clone(), a.differ.clone()), (Some("1"), vec![0, 1], vec![2]));
+        let b = &report.tallies[1];
+        assert_eq!((b.reference.as_deref(), b.agree.len(), b.missing.clone()), (None, 0, vec![2]), "1 against 2: a tie");
+        assert!(!report.met);
+        assert!(report.outcome().contains("not met for b (0)"), "{}", report.outcome());
+
+        let expected = Record { file: "S".into(), hashes: [("a".to_string(), "1".to_string())].into(), result: None };
+        let report = tally(envelopes, 2, Some(&expected));
+        assert!(report.met, "b is not published, so it does not count: {}", report.outcome());
+        assert!(!tally(Vec::new(), 1, Some(&expected)).met, "no attestation meets no threshold");
+    }
+}

@@ -243,7 +243,8 @@ pub fn compare(files: Vec<PathBuf>) -> Result<u8, Error> {
     let refs: Vec<&Record> = records.iter().collect();
     let headers: Vec<String> = (1..=records.len()).map(|i| format!("#{i}")).collect();
     for (h, f) in headers.iter().zip(&files) {
-        println!("{h} = {}", f.display());
+        // File names may come from a downloaded directory (a shell glob): escaped.
+        println!("{h} = {}", escape(&f.display().to_string()));
     }
     let rows = compare_rows(&refs, false);
     println!("{}", render_rows(&rows, &headers));
