@@ -243,7 +243,8 @@ impl Report {
                 }
                 Err(rejection) => rejection.to_string(),
             };
-            let _ = writeln!(out, "{:<width$}  {verdict}", e.name);
+            // Rejections quote the envelope; escaping is idempotent, so this is belt and braces.
+            let _ = writeln!(out, "{:<width$}  {}", e.name, escape(&verdict));
         }
         let mut rows = vec![["rebuilder".to_string(), "image".into(), "accel".into(), "QEMU".into(), "artifact".into(), "verdict".into()]];
         for (signers, attested) in self.envelopes.iter().filter_map(|e| e.verdict.as_ref().ok()) {

@@ -16,7 +16,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::attest::keys::{SigningKey, TrustedKeys};
-use crate::escape::escape;
+use crate::attest::shown;
 
 /// The payload type of in-toto statements.
 pub const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
@@ -123,7 +123,7 @@ impl Envelope {
     pub fn parse(bytes: &[u8]) -> Result<(Envelope, Vec<u8>), EnvelopeError> {
         let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Json(e.to_string()))?;
         if envelope.payload_type != PAYLOAD_TYPE {
-            return Err(EnvelopeError::PayloadType { found: escape(&envelope.payload_type.chars().take(100).collect::<String>()).into() });
+            return Err(EnvelopeError::PayloadType { found: shown(&envelope.payload_type) });
         }
         if envelope.signatures.is_empty() {
             return Err(EnvelopeError::Unsigned);
@@ -146,7 +146,7 @@ impl Envelope {
                     }
                 }
                 Some(i) => return Ok(SignatureCheck::BadSignature { keyid: trusted.keys[i].fingerprint.clone() }),
-                None => unknown.push(escape(&signature.keyid.chars().take(100).collect::<String>()).into_owned()),
+                None => unknown.push(shown(&signature.keyid)),
             }
         }
         Ok(if signers.is_empty() { SignatureCheck::UnknownKeys { keyids: unknown } } else { SignatureCheck::Trusted(signers) })

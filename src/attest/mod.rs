@@ -38,6 +38,11 @@ pub enum ReadError {
     },
 }
 
+/// Text from an attestation for a message: its first 100 characters, escaped.
+pub(crate) fn shown(text: &str) -> String {
+    crate::escape::escape(&text.chars().take(100).collect::<String>()).into_owned()
+}
+
 /// Reads `path`, refusing it (before reading it all) when it holds more
 /// than `cap` bytes.
 pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {

@@ -19,9 +19,9 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::attest::shown;
 use crate::build::result::{BuildResult, Inputs, MachineRecord, RecipeRecord, Timings, RESULT_FORMAT};
 use crate::build::source::SourceRecord;
-use crate::escape::escape;
 use crate::guest::GuestFacts;
 
 /// The file every build writes.
@@ -263,10 +263,6 @@ pub struct Attested {
     pub provenance: Option<Provenance>,
 }
 
-fn clip(text: &str) -> String {
-    escape(&text.chars().take(100).collect::<String>()).into_owned()
-}
-
 /// Parses and checks a SLSA provenance statement (an envelope's payload or
 /// a provenance.intoto.json): Statement v1, at least one subject, each with
 /// a name and a 64-hex-digit SHA-256, names unique; a predicate of
@@ -274,10 +270,10 @@ fn clip(text: &str) -> String {
 pub fn parse(bytes: &[u8]) -> Result<Attested, StatementError> {
     let statement: Statement = serde_json::from_slice(bytes).map_err(|e| StatementError::Json(e.to_string()))?;
     if statement.type_ != STATEMENT_TYPE {
-        return Err(StatementError::Type { found: clip(&statement.type_) });
+        return Err(StatementError::Type { found: shown(&statement.type_) });
     }
     if statement.predicate_type != PROVENANCE_TYPE {
-        return Err(StatementError::PredicateType { found: clip(&statement.predicate_type) });
+        return Err(StatementError::PredicateType { found: shown(&statement.predicate_type) });
     }
     if statement.subject.is_empty() {
         return Err(StatementError::Subject { index: 0, why: "the statement has no subject".into() });
@@ -288,12 +284,12 @@ pub fn parse(bytes: &[u8]) -> Result<Attested, StatementError> {
         if s.name.is_empty() {
             return Err(bad("no name".into()));
         }
-        let hash = s.digest.get("sha256").ok_or_else(|| bad(format!("\"{}\" has no sha256 digest", clip(&s.name))))?;
+        let hash = s.digest.get("sha256").ok_or_else(|| bad(format!("\"{}\" has no sha256 digest", shown(&s.name))))?;
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad(format!("the sha256 of \"{}\" is not 64 hex digits", clip(&s.name))));
+            return Err(bad(format!("the sha256 of \"{}\" is not 64 hex digits", shown(&s.name))));
         }
         if subjects.insert(s.name.clone(), hash.to_ascii_lowercase()).is_some() {
-            return Err(bad(format!("\"{}\" is listed twice", clip(&s.name))));
+            return Err(bad(format!("\"{}\" is listed twice", shown(&s.name))));
         }
     }
     let build_type = statement.predicate.pointer("/buildDefinition/buildType").and_then(Value::as_str).unwrap_or("").to_string();
