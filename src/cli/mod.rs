@@ -46,7 +46,7 @@ pub enum Commands {
         command: Vec<String>,
     },
     /// Rebuild a source tree in the builder: artifacts, SHA256SUMS, result.json,
-    /// build.log and serial.log in --out.
+    /// provenance.intoto.json, build.log and serial.log in --out.
     Build(build::BuildArgs),
     /// Rebuild, then compare with published hashes; exit 1 when any artifact
     /// differs, is missing or is unexpected. With --attestations: no rebuild,
@@ -55,7 +55,7 @@ pub enum Commands {
         /// The build.
         #[command(flatten)]
         build: build::BuildArgs,
-        /// The published SHA256SUMS or result.json.
+        /// The published SHA256SUMS or result.json (or a provenance envelope).
         #[arg(long, value_name = "FILE", required_unless_present = "attestations")]
         expect: Option<PathBuf>,
         /// Run diffoscope on each differing artifact (reports in OUT/diffoscope/).
@@ -317,9 +317,10 @@ pub async fn run(args: Args) -> u8 {
             Commands::Run { machine, command } => run::run(machine, command).await,
             Commands::Shell { machine } => run::shell(machine).await,
             Commands::Build(args) => build::build(args).await,
-            Commands::Verify { build: args, expect, diffoscope, agreement } => match agreement.attestations {
-                Some(_) => attest::verify(agreement, expect, args.sign),
-                None => build::verify(args, expect.expect("clap requires --expect without --attestations"), diffoscope).await,
+            Commands::Verify { build: args, expect, diffoscope, agreement } => match (&agreement.attestations, expect) {
+                (Some(_), expect) => attest::verify(agreement, expect, args.sign),
+                (None, Some(expect)) => build::verify(args, expect, diffoscope).await,
+                (None, None) => Err(Error::Usage("verify needs --expect FILE (or --attestations DIR)".into())),
             },
             Commands::Compare { results } => build::compare(results),
             Commands::Attest(cmd) => attest::run(cmd),
