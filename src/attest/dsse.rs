@@ -22,6 +22,8 @@ use crate::attest::shown;
 pub const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
 /// The largest envelope read (16 MiB): a larger file is refused unread.
 pub const MAX_ENVELOPE: u64 = 16 << 20;
+/// The most signatures one envelope may carry (each costs a verification).
+pub const MAX_SIGNATURES: usize = 64;
 
 /// A DSSE envelope as it is stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +69,12 @@ pub enum EnvelopeError {
     /// No signature at all.
     #[error("the envelope is not signed")]
     Unsigned,
+    /// More signatures than anyone needs.
+    #[error("{count} signatures: more than {MAX_SIGNATURES} are refused")]
+    TooManySignatures {
+        /// How many it carries.
+        count: usize,
+    },
 }
 
 /// What the signatures of an envelope say, given the trusted keys.
@@ -127,6 +135,9 @@ impl Envelope {
         }
         if envelope.signatures.is_empty() {
             return Err(EnvelopeError::Unsigned);
+        }
+        if envelope.signatures.len() > MAX_SIGNATURES {
+            return Err(EnvelopeError::TooManySignatures { count: envelope.signatures.len() });
         }
         let payload = base64(&envelope.payload, "payload")?;
         Ok((envelope, payload))
@@ -196,5 +207,11 @@ mod tests {
         assert!(e.contains("text/plain\\x1b[2J"), "{e}");
         let extra = String::from_utf8(bytes).unwrap().replacen('{', r#"{"extra":1,"#, 1);
         assert!(Envelope::parse(extra.as_bytes()).unwrap_err().to_string().contains("unknown field"));
+        let mut many = envelope.clone();
+        many.signatures = vec![envelope.signatures[0].clone(); MAX_SIGNATURES + 1];
+        assert!(Envelope::parse(&many.to_file_bytes()).unwrap_err().to_string().contains("more than 64"));
+        many.signatures.truncate(2);
+        let (twice, payload) = Envelope::parse(&many.to_file_bytes()).unwrap();
+        assert_eq!(twice.check(&payload, &trusted).unwrap(), SignatureCheck::Trusted(vec![0]), "one key, counted once");
     }
 }
