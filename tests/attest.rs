@@ -322,9 +322,17 @@ fn unreadable_inputs_exit_2_and_verify_attestations_needs_no_source() {
     let dir = env.path().join("attestations");
     fs::create_dir(&dir).unwrap();
     fs::copy(sign(&env, &key, &out), dir.join("a.dsse.json")).unwrap();
+    // A link to an envelope elsewhere and a FIFO (which would hang a
+    // reader) beside it: rejected, not followed, not waited on.
+    std::os::unix::fs::symlink(out.join("provenance.intoto.dsse.json"), dir.join("link.json")).unwrap();
+    assert!(Command::new("mkfifo").arg(dir.join("fifo.json")).status().unwrap().success());
     // No SRC, no recipe in the working directory, an image pin from the environment: nothing boots.
-    let (_, err, code) = verify(&env, &dir, &keys, 1, &[]);
-    assert_eq!(code, 0, "{err}");
+    let (table, err, code) = verify(&env, &dir, &keys, 1, &[]);
+    assert_eq!(code, 0, "{table}{err}");
+    for name in ["link.json", "fifo.json"] {
+        let line = table.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{table}"));
+        assert!(line.contains("UNREADABLE: not a regular file (links are not followed)"), "{line}");
+    }
     let bad_keys = env.path().join("bad-keys");
     fs::write(&bad_keys, "ssh-ed25519 not-base64 x\n").unwrap();
     let huge = env.path().join("huge");

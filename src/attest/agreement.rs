@@ -19,7 +19,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::attest::dsse::{Envelope, SignatureCheck, MAX_ENVELOPE};
 use crate::attest::keys::TrustedKeys;
 use crate::attest::statement::{self, Attested, ResourceDescriptor, Statement, STATEMENT_TYPE};
-use crate::attest::{read_capped, ReadError};
+use crate::attest::{read_regular_capped, ReadError};
 use crate::build::compare::Status;
 use crate::build::result::Record;
 use crate::escape::escape;
@@ -114,10 +114,13 @@ pub struct Report {
 
 /// Reads and judges one envelope file.
 fn judge(path: &Path, trusted: &TrustedKeys) -> (String, Result<(Vec<usize>, Attested), Rejection>) {
-    let bytes = match read_capped(path, MAX_ENVELOPE) {
+    let bytes = match read_regular_capped(path, MAX_ENVELOPE) {
         Ok(bytes) => bytes,
         Err(ReadError::TooLarge { .. }) => {
             return (String::new(), Err(Rejection::Unreadable(format!("larger than {} MiB: refused unread", MAX_ENVELOPE >> 20))))
+        }
+        Err(ReadError::NotRegular { .. }) => {
+            return (String::new(), Err(Rejection::Unreadable("not a regular file (links are not followed)".into())))
         }
         Err(ReadError::Io(e)) => return (String::new(), Err(Rejection::Unreadable(e.source.to_string()))),
     };
@@ -149,12 +152,10 @@ pub fn check_dir(dir: &Path, trusted: &TrustedKeys, threshold: usize, expected: 
     names.sort_by(|a, b| a.1.cmp(&b.1));
     let mut envelopes = Vec::new();
     for (path, name) in names {
-        let kind = std::fs::symlink_metadata(&path).map(|m| m.file_type());
-        let (sha256, verdict) = match kind {
-            Ok(t) if t.is_dir() => continue,
-            Ok(t) if !t.is_file() => (String::new(), Err(Rejection::Unreadable("not a regular file (links are not followed)".into()))),
-            _ => judge(&path, trusted),
-        };
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let (sha256, verdict) = judge(&path, trusted);
         envelopes.push(EnvelopeReport { name, sha256, verdict });
     }
     Ok(tally(envelopes, threshold, expected))

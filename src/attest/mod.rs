@@ -36,6 +36,12 @@ pub enum ReadError {
         /// The cap in bytes.
         cap: u64,
     },
+    /// A symbolic link, FIFO, device or directory where a file was expected.
+    #[error("{} is not a regular file (links are not followed)", path.display())]
+    NotRegular {
+        /// The path.
+        path: PathBuf,
+    },
 }
 
 /// Text from an attestation for a message: its first 100 characters, escaped.
@@ -47,6 +53,29 @@ pub(crate) fn shown(text: &str) -> String {
 /// than `cap` bytes.
 pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
     let file = std::fs::File::open(path).map_err(path_error("open", path))?;
+    read_at_most(file, path, cap)
+}
+
+/// Like [`read_capped`] for a file in a downloaded directory: a symbolic
+/// link is not followed, and a FIFO or device (even one swapped in after a
+/// listing) is refused without blocking on it.
+pub fn read_regular_capped(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let not_regular = || ReadError::NotRegular { path: path.to_path_buf() };
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            not_regular()
+        } else {
+            path_error("open", path)(e).into()
+        }
+    })?;
+    if !file.metadata().map_err(path_error("inspect", path))?.is_file() {
+        return Err(not_regular());
+    }
+    read_at_most(file, path, cap)
+}
+
+fn read_at_most(file: std::fs::File, path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
     let mut bytes = Vec::new();
     file.take(cap + 1).read_to_end(&mut bytes).map_err(path_error("read", path))?;
     if bytes.len() as u64 > cap {
