@@ -358,6 +358,8 @@ fn unreadable_inputs_exit_2_and_verify_attestations_needs_no_source() {
         vec!["verify", "--attestations", "d", "--trusted-keys", "k", "--threshold", "1", "--cpus", "4"],
         vec!["verify", "--attestations", "d", "--trusted-keys", "k"],
         vec!["verify", "--attestations", "d", "--trusted-keys", "k", "--threshold", "0"],
+        vec!["verify", "--attestations", "d", "--trusted-keys", "k", "--threshold", "1", "--sign", "key"],
+        vec!["verify", "."],
     ] {
         let (_, err, code) = text(&reprovm(&env).args(&args).env("REPROVM_IMAGE", format!("sha256:{}", "a".repeat(64))).output().unwrap());
         assert_eq!(code, 2, "{args:?}: {err}");
