@@ -4,6 +4,8 @@
 //! The pipeline runs down these modules, one stage each (docs/architecture.md):
 #![warn(missing_docs)]
 
+/// Attestations: SLSA provenance, DSSE signing with OpenSSH keys, agreement of trusted rebuilders.
+pub mod attest;
 /// The build stage: recipe, source archive, the build in the guest, artifacts, results, comparison.
 pub mod build;
 /// Command-line definitions, validated configuration and the command functions.

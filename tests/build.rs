@@ -29,8 +29,13 @@ fn build_hello_then_verify_and_compare() {
     let out = env.path().join("out");
     let (pin, _) = test_image();
 
-    // Build: exit 0, sha256sum -c passes, result.json has the pin and hashes.
-    let (stdout, err, code) = text(&reprovm_vm(&env.tmp).arg("build").arg(hello()).arg("--out").arg(&out).output().unwrap());
+    // Build, signing the provenance: exit 0, sha256sum -c passes, result.json
+    // has the pin and hashes.
+    let key = env.path().join("rebuilder");
+    let keygen = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "rebuilder", "-f"]).arg(&key).output().unwrap();
+    assert!(keygen.status.success(), "{}", String::from_utf8_lossy(&keygen.stderr));
+    let (stdout, err, code) =
+        text(&reprovm_vm(&env.tmp).arg("build").arg(hello()).arg("--out").arg(&out).arg("--sign").arg(&key).output().unwrap());
     assert_eq!(code, 0, "{err}");
     let sums = fs::read_to_string(out.join("SHA256SUMS")).unwrap();
     assert_eq!(stdout, sums, "stdout carries SHA256SUMS");
@@ -52,6 +57,37 @@ fn build_hello_then_verify_and_compare() {
     }
     assert!(out.join("build.log").is_file() && out.join("serial.log").is_file());
     assert_nothing_left(&env, "");
+
+    // The provenance: its subjects are exactly SHA256SUMS, its predicate
+    // records the pin and the machine; the signed envelope is accepted by
+    // verify --attestations against the SHA256SUMS, without a rebuild.
+    let provenance: serde_json::Value = serde_json::from_slice(&fs::read(out.join("provenance.intoto.json")).unwrap()).unwrap();
+    let subjects: Vec<String> = provenance["subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{}  {}\n", s["digest"]["sha256"].as_str().unwrap(), s["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(subjects.concat(), sums, "provenance subjects are SHA256SUMS");
+    let deps = &provenance["predicate"]["buildDefinition"]["resolvedDependencies"];
+    assert_eq!(format!("sha256:{}", deps[0]["digest"]["sha256"].as_str().unwrap()), pin);
+    assert_eq!(provenance["predicate"]["buildDefinition"]["internalParameters"]["machine"], result["machine"]);
+    let attestations = env.path().join("attestations");
+    fs::create_dir(&attestations).unwrap();
+    fs::copy(out.join("provenance.intoto.dsse.json"), attestations.join("rebuilder.dsse.json")).unwrap();
+    let (table, err, code) = text(
+        &reprovm(&env)
+            .args(["verify", "--attestations"])
+            .arg(&attestations)
+            .arg("--trusted-keys")
+            .arg(key.with_extension("pub"))
+            .args(["--threshold", "1", "--expect"])
+            .arg(out.join("SHA256SUMS"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 0, "{table}{err}");
+    assert!(table.contains(&pin[..23]) && table.contains("hello") && !table.contains("DIFFERS"), "{table}");
 
     // Verify against a "published" set where hello was built differently:
     // exit 1, the artifact named, and a diffoscope report when it is installed.
@@ -97,9 +133,16 @@ fn build_hello_then_verify_and_compare() {
     let (_, err, code) = verify(&out.join("result.json"), &[]);
     assert_eq!(code, 0, "{err}");
 
-    // Compare the two builders' results: identical.
-    let (table, err, code) =
-        text(&reprovm(&env).arg("compare").arg(out.join("result.json")).arg(out2.join("result.json")).output().unwrap());
+    // Compare the two builders' results, and the first one's envelope: identical.
+    let (table, err, code) = text(
+        &reprovm(&env)
+            .arg("compare")
+            .arg(out.join("result.json"))
+            .arg(out2.join("result.json"))
+            .arg(out.join("provenance.intoto.dsse.json"))
+            .output()
+            .unwrap(),
+    );
     assert_eq!(code, 0, "{table}{err}");
     assert_nothing_left(&env, "");
 }

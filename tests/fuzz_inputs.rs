@@ -1,10 +1,17 @@
 //! Bounded fuzzing (proptest) of every reader of outside input: the build
-//! recipe, SHA256SUMS and result.json (verify/compare), and the image bundle.
-//! No input may panic or hang; bad input is an error that names the file.
+//! recipe, SHA256SUMS and result.json (verify/compare), the image bundle,
+//! and the attestation readers (DSSE envelopes, statements, trusted keys).
+//! No input may panic or hang; bad input is an error that names the file;
+//! no change to a signed envelope makes another payload verify.
 
 use std::path::Path;
 
+use std::sync::OnceLock;
+
 use proptest::prelude::*;
+use reprovm::attest::dsse::{Envelope, SignatureCheck};
+use reprovm::attest::keys::{SigningKey, TrustedKeys};
+use reprovm::attest::statement;
 use reprovm::build::artifacts::parse_sha256sums;
 use reprovm::build::recipe::check_artifact_glob;
 use reprovm::build::{BuildRecipe, Record};
@@ -62,6 +69,23 @@ fn tokens() -> impl Strategy<Value = String> {
     prop::collection::vec(words, 0..40).prop_map(|w| w.concat())
 }
 
+/// A signed provenance envelope, its payload and the signer as the only trusted key.
+fn signed() -> &'static (Vec<u8>, Vec<u8>, TrustedKeys) {
+    static SIGNED: OnceLock<(Vec<u8>, Vec<u8>, TrustedKeys)> = OnceLock::new();
+    SIGNED.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        let made = std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).output().unwrap();
+        assert!(made.status.success());
+        let signer = SigningKey::load_with(&key, || None).unwrap();
+        let trusted = TrustedKeys::load(&key.with_extension("pub")).unwrap();
+        let result = serde_json::from_str(include_str!("interop/hello-result.json")).unwrap();
+        let t = time::OffsetDateTime::UNIX_EPOCH;
+        let payload = statement::provenance(&result, t, t, "0").to_file_bytes();
+        (Envelope::sign(&payload, &signer).to_file_bytes(), payload, trusted)
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
@@ -98,6 +122,37 @@ proptest! {
     fn result_reader_never_panics(text in prop_oneof![any::<String>(), tokens()]) {
         if let Err(e) = Record::parse(&text, Path::new("fuzz/result.json")) {
             prop_assert!(e.to_string().contains("fuzz/result.json"));
+        }
+    }
+
+    #[test]
+    fn a_changed_envelope_never_verifies_another_payload(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
+        let (good, payload, trusted) = signed();
+        let mut bytes = good.clone();
+        for (at, byte) in edits {
+            let at = at.index(bytes.len());
+            bytes[at] = byte;
+        }
+        if let Ok((envelope, decoded)) = Envelope::parse(&bytes) {
+            if let Ok(SignatureCheck::Trusted(_)) = envelope.check(&decoded, trusted) {
+                // Only a re-encoding (whitespace, the other base64 alphabet) of the same signed bytes.
+                prop_assert_eq!(&decoded, payload);
+            }
+            let _ = statement::parse(&decoded);
+        }
+    }
+
+    #[test]
+    fn attestation_readers_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048), text in prop_oneof![any::<String>(), tokens()]) {
+        let (_, _, trusted) = signed();
+        for input in [&bytes[..], text.as_bytes()] {
+            if let Ok((envelope, payload)) = Envelope::parse(input) {
+                let _ = envelope.check(&payload, trusted);
+            }
+            let _ = statement::parse(input);
+        }
+        if let Err(e) = TrustedKeys::parse(&text, Path::new("fuzz/trusted-keys")) {
+            prop_assert!(e.to_string().contains("fuzz/trusted-keys"));
         }
     }
 

@@ -220,6 +220,7 @@ mod tests {
             (vec![("SHA256SUMS", tar::EntryType::Regular, &b"forged"[..])], "reprovm writes this name itself"),
             (vec![("hello", tar::EntryType::Regular, &b"1"[..]), ("result.json", tar::EntryType::Regular, &b"{}"[..])], "result.json"),
             (vec![("build.log/x", tar::EntryType::Regular, &b"1"[..])], "reprovm writes this name itself"),
+            (vec![("provenance.intoto.dsse.json", tar::EntryType::Regular, &b"{}"[..])], "reprovm writes this name itself"),
         ] {
             let t = tar_with(&entries);
             let dest = tempfile::tempdir().unwrap();

@@ -25,7 +25,8 @@ pub enum Status {
 }
 
 impl Status {
-    fn as_str(self) -> &'static str {
+    /// The word tables print for it.
+    pub fn as_str(self) -> &'static str {
         match self {
             Status::Identical => "identical",
             Status::Differs => "DIFFERS",

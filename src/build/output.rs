@@ -22,7 +22,8 @@ pub const LOG_FILES: [&str; 2] = ["build.log", "serial.log"];
 /// No artifact may take one of them: whatever a build returns can never
 /// replace or pose as reprovm's own files. A file reprovm starts writing
 /// must be added here first.
-pub const OWN_NAMES: [&str; 6] = ["SHA256SUMS", "result.json", "build.log", "serial.log", "diffoscope", "provenance.intoto.json"];
+pub const OWN_NAMES: [&str; 7] =
+    ["SHA256SUMS", "result.json", "build.log", "serial.log", "diffoscope", "provenance.intoto.json", "provenance.intoto.dsse.json"];
 
 /// The output directory cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -67,6 +67,8 @@ pub struct BuildRequest {
     pub log_limit: u64,
     /// What the user adds to a build with an allow list.
     pub egress: EgressRequest,
+    /// The key that signs the provenance (provenance.intoto.dsse.json).
+    pub sign: Option<crate::attest::keys::SigningKey>,
 }
 
 /// The hosts a build may reach and how (docs/network.md), resolved from the
@@ -486,6 +488,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
         timings,
     };
     write_results(output.path(), &result)?;
+    crate::attest::write_provenance(output.path(), &result, req.sign.as_ref())?;
     Ok(result)
 }
 

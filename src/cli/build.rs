@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::attest::keys::SigningKey;
 use crate::build::artifacts::sha256sums;
 use crate::build::compare::{all_identical, compare_rows, differing_inputs, render_inputs, render_rows, Status};
 use crate::build::recipe::NetworkAccess;
 use crate::build::{run, BuildRecipe, BuildRequest, BuildResult, EgressRequest, Progress, Record, RECIPE_FILE};
+use crate::cli::attest::load_record;
 use crate::cli::run::resolve_image;
 use crate::cli::{Error, MachineArgs};
 use crate::egress::AllowedHost;
@@ -64,6 +66,11 @@ pub struct BuildArgs {
     /// Print result.json on stdout instead of SHA256SUMS.
     #[arg(long)]
     pub json: bool,
+    /// Sign the provenance with this OpenSSH Ed25519 private key
+    /// (provenance.intoto.dsse.json); an encrypted key is opened with
+    /// REPROVM_KEY_PASSPHRASE or a terminal prompt, before the build starts.
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<PathBuf>,
 }
 
 /// Stage lines on stderr, with a spinner while a stage runs on a terminal.
@@ -152,6 +159,7 @@ fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
         boot_timeout: Duration::from_secs(m.boot_timeout),
         log_limit: m.log_limit << 20,
         egress,
+        sign: args.sign.as_deref().map(SigningKey::load).transpose()?,
     })
 }
 
@@ -188,9 +196,14 @@ fn egress_request(args: &BuildArgs, network: &NetworkAccess) -> Result<EgressReq
 
 async fn run_build(req: BuildRequest) -> Result<BuildResult, Error> {
     let progress = StageProgress::new();
-    let out = req.out.clone();
+    let (out, signed) = (req.out.clone(), req.sign.is_some());
     let result = run::run(req, &progress).await?;
-    eprintln!("output in {}: {} artifacts, SHA256SUMS, result.json, build.log, serial.log", out.display(), result.outputs.len());
+    let signed = if signed { ", provenance.intoto.dsse.json" } else { "" };
+    eprintln!(
+        "output in {}: {} artifacts, SHA256SUMS, result.json, provenance.intoto.json{signed}, build.log, serial.log",
+        out.display(),
+        result.outputs.len()
+    );
     Ok(result)
 }
 
@@ -240,7 +253,7 @@ fn diffoscope_reports(rows: &[crate::build::compare::Row], expected_dir: &Path, 
 
 /// `reprovm verify`: exit 0 when every artifact is identical, 1 otherwise.
 pub async fn verify(args: BuildArgs, expect: PathBuf, diffoscope: bool) -> Result<u8, Error> {
-    let expected = Record::load(&expect)?;
+    let expected = load_record(&expect)?;
     let req = request(&args)?;
     if let (Ok(e), Ok(o)) = (std::fs::canonicalize(&expect), std::fs::canonicalize(&req.out)) {
         if e.starts_with(&o) {
@@ -282,11 +295,12 @@ pub async fn verify(args: BuildArgs, expect: PathBuf, diffoscope: bool) -> Resul
 
 /// `reprovm compare`: exit 0 when all records agree, 1 otherwise.
 pub fn compare(files: Vec<PathBuf>) -> Result<u8, Error> {
-    let records = files.iter().map(|f| Record::load(f)).collect::<Result<Vec<_>, _>>()?;
+    let records = files.iter().map(|f| load_record(f)).collect::<Result<Vec<_>, _>>()?;
     let refs: Vec<&Record> = records.iter().collect();
     let headers: Vec<String> = (1..=records.len()).map(|i| format!("#{i}")).collect();
     for (h, f) in headers.iter().zip(&files) {
-        println!("{h} = {}", f.display());
+        // File names may come from a downloaded directory (a shell glob): escaped.
+        println!("{h} = {}", escape(&f.display().to_string()));
     }
     let rows = compare_rows(&refs, false);
     println!("{}", render_rows(&rows, &headers));

@@ -1,6 +1,7 @@
 //! The command line: clap definitions, the error type every command returns
 //! (with its exit code), logging set-up, and dispatch to the command functions.
 
+mod attest;
 mod build;
 mod image;
 mod run;
@@ -46,31 +47,38 @@ pub enum Commands {
         command: Vec<String>,
     },
     /// Rebuild a source tree in the builder: artifacts, SHA256SUMS, result.json,
-    /// build.log and serial.log in --out.
+    /// provenance.intoto.json, build.log and serial.log in --out.
     Build(build::BuildArgs),
     /// Rebuild, then compare with published hashes; exit 1 when any artifact
-    /// differs, is missing or is unexpected.
+    /// differs, is missing or is unexpected. With --attestations: no rebuild,
+    /// check that N trusted rebuilders' signed provenance attests the bytes.
     Verify {
         /// The build.
         #[command(flatten)]
         build: build::BuildArgs,
-        /// The published SHA256SUMS or result.json.
-        #[arg(long, value_name = "FILE")]
-        expect: PathBuf,
+        /// The published SHA256SUMS or result.json (or a provenance envelope).
+        #[arg(long, value_name = "FILE", required_unless_present = "attestations")]
+        expect: Option<PathBuf>,
         /// Run diffoscope on each differing artifact (reports in OUT/diffoscope/).
         /// diffoscope opens the rebuilt and the published files on this host
         /// with dozens of external tools: ask for it only for files you are
         /// willing to open (docs/security.md).
         #[arg(long)]
         diffoscope: bool,
+        /// Published attestations to check instead of rebuilding.
+        #[command(flatten)]
+        agreement: attest::AgreementArgs,
     },
-    /// Compare recorded results (result.json or SHA256SUMS) of several
-    /// builders without rebuilding; exit 1 when they differ.
+    /// Compare recorded results (result.json, SHA256SUMS or DSSE provenance
+    /// envelopes) of several builders without rebuilding; exit 1 when they differ.
     Compare {
-        /// Two or more result.json or SHA256SUMS files.
+        /// Two or more result.json, SHA256SUMS or provenance envelope files.
         #[arg(required = true, num_args = 2.., value_name = "RESULT")]
         results: Vec<PathBuf>,
     },
+    /// Attestations: sign a build's provenance.
+    #[command(subcommand)]
+    Attest(attest::AttestCommand),
     /// An interactive shell in the builder, torn down on exit.
     Shell {
         /// The machine to boot.
@@ -241,6 +249,36 @@ pub enum Error {
     /// A command-line value contradicts another or the file system.
     #[error("{0}")]
     Usage(String),
+    /// A key file or trusted-keys file is unusable.
+    #[error(transparent)]
+    Key(#[from] crate::attest::keys::KeyError),
+    /// A file to read is missing or over its cap.
+    #[error(transparent)]
+    Read(#[from] crate::attest::ReadError),
+    /// A file cannot be written or hashed.
+    #[error(transparent)]
+    Io(#[from] crate::path_error::PathError),
+    /// A DSSE envelope is unusable.
+    #[error("{}", file.display())]
+    Envelope {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: crate::attest::dsse::EnvelopeError,
+    },
+    /// A provenance statement is unusable.
+    #[error("{}", file.display())]
+    Statement {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: crate::attest::statement::StatementError,
+    },
+    /// The attestations directory cannot be listed.
+    #[error(transparent)]
+    Agreement(#[from] crate::attest::agreement::AgreementError),
     /// Interrupted by a signal.
     #[error(transparent)]
     Interrupted(#[from] Interrupted),
@@ -260,6 +298,9 @@ impl Error {
             Error::BuildRun(e) => e.exit(),
             Error::Egress(e) => e.exit(),
             Error::Recipe(_) | Error::Record(_) | Error::Usage(_) => Exit::Usage,
+            Error::Key(_) | Error::Read(_) | Error::Io(_) | Error::Envelope { .. } | Error::Statement { .. } | Error::Agreement(_) => {
+                Exit::Usage
+            }
             Error::Interrupted(_) => Exit::Interrupted,
         }
     }
@@ -311,8 +352,13 @@ pub async fn run(args: Args) -> u8 {
             Commands::Run { machine, command } => run::run(machine, command).await,
             Commands::Shell { machine } => run::shell(machine).await,
             Commands::Build(args) => build::build(args).await,
-            Commands::Verify { build: args, expect, diffoscope } => build::verify(args, expect, diffoscope).await,
+            Commands::Verify { build: args, expect, diffoscope, agreement } => match (&agreement.attestations, expect) {
+                (Some(_), expect) => attest::verify(agreement, expect, args.sign),
+                (None, Some(expect)) => build::verify(args, expect, diffoscope).await,
+                (None, None) => Err(Error::Usage("verify needs --expect FILE (or --attestations DIR)".into())),
+            },
             Commands::Compare { results } => build::compare(results),
+            Commands::Attest(cmd) => attest::run(cmd),
             Commands::Downloads(cmd) => downloads(cmd),
             Commands::EgressRelay { socket } => match tokio::task::spawn_blocking(move || crate::vm::relay::relay(&socket)).await {
                 Ok(Ok(())) => Ok(Exit::Ok.code()),
