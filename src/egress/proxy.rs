@@ -414,9 +414,15 @@ async fn pump(
         if !shared.charge(data.len() as u64) {
             return cut(format!("incomplete: {}", shared.limit_reason())).await.map_err(|(_, r)| (507, r));
         }
-        let chunk = data.clone();
+        // The guest gets the chunk first: sending it (a buffered channel)
+        // overlaps with hashing and writing it into the cache.
+        if let Some(guest) = guest {
+            if guest.send(Ok(Frame::data(data.clone()))).await.is_err() {
+                return cut("incomplete: the guest closed the connection".into()).await;
+            }
+        }
         let written = blocking(move || {
-            let result = writer.write(&chunk);
+            let result = writer.write(&data);
             (writer, result)
         })
         .await;
@@ -425,11 +431,6 @@ async fn pump(
             Ok((_, Err(e))) => return cut(format!("incomplete: download cache: {e}")).await,
             Err(e) => return cut(format!("incomplete: {e}")).await,
         };
-        if let Some(guest) = guest {
-            if guest.send(Ok(Frame::data(data))).await.is_err() {
-                return cut("incomplete: the guest closed the connection".into()).await;
-            }
-        }
     }
 }
 
@@ -444,7 +445,7 @@ async fn forward(conn: &Conn, method: &Method, url: &str, up: &Upstream, headers
     let response = send(conn, method, up, headers).await?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(16);
     let task = (conn.clone(), method.to_string(), url.to_string(), parts.status.as_u16());
     tokio::spawn(async move {
         let (conn, method, url, status) = task;

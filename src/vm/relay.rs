@@ -6,7 +6,10 @@
 //! filter and prints nothing: its standard error is the guest's connection
 //! too.
 
+use std::fs::File;
 use std::io::{self, Read, Write};
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -15,27 +18,33 @@ pub fn relay(socket: &Path) -> io::Result<()> {
     let proxy = UnixStream::connect(socket)?;
     let to_proxy = proxy.try_clone()?;
     let upstream = std::thread::spawn(move || {
-        let copied = copy(&mut io::stdin().lock(), &mut &to_proxy);
+        let copied = copy(&mut *guest_connection(0), &mut &to_proxy);
         let _ = to_proxy.shutdown(std::net::Shutdown::Write);
         copied
     });
-    let copied = copy(&mut &proxy, &mut io::stdout().lock());
+    let copied = copy(&mut &proxy, &mut *guest_connection(1));
     // The proxy closed its side: the guest's connection ends with it (the
     // process exits, closing the socket, whatever the guest still sends).
     drop(upstream);
     copied
 }
 
-/// `io::copy` that flushes after every read (standard output is buffered).
+/// Descriptor `fd` (0 or 1: the guest's connection) as an unbuffered file
+/// that is never closed here (standard output's line buffering would cut
+/// the binary stream into small writes).
+fn guest_connection(fd: i32) -> ManuallyDrop<File> {
+    // SAFETY: 0 and 1 are open for the process's lifetime (QEMU passes the
+    // connection as both) and ManuallyDrop never closes them.
+    ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Copies until end of file, in large writes.
 fn copy(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; 256 << 10];
     loop {
         match from.read(&mut buf) {
-            Ok(0) => return to.flush(),
-            Ok(n) => {
-                to.write_all(&buf[..n])?;
-                to.flush()?;
-            }
+            Ok(0) => return Ok(()),
+            Ok(n) => to.write_all(&buf[..n])?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
