@@ -50,6 +50,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes read from a cache entry at a time.
 const READ_CHUNK: usize = 64 << 10;
+/// How long [`Proxy::finish`] lets open connections end by themselves.
+pub const FINISH_GRACE: Duration = Duration::from_secs(5);
 
 /// A response body to the guest.
 type Body = UnsyncBoxBody<Bytes, io::Error>;
@@ -146,13 +148,19 @@ impl Proxy {
         Proxy { shared, stop: stop_tx, accept, alive }
     }
 
-    /// Stops accepting, ends open connections (a body cut short is recorded
+    /// Stops accepting, lets the connections end as the guest's did (a body
+    /// the guest received whole is still being hashed and committed) for up
+    /// to [`FINISH_GRACE`], then ends the rest (a body cut short is recorded
     /// as an incomplete refusal, not a download) and returns what happened.
     pub async fn finish(mut self) -> EgressReport {
-        let _ = self.stop.send(true);
+        self.accept.abort();
         let _ = (&mut self.accept).await;
         // Every connection and task holds a sender: recv() is None once all are gone.
-        while self.alive.recv().await.is_some() {}
+        let alive = &mut self.alive;
+        if tokio::time::timeout(FINISH_GRACE, async { while alive.recv().await.is_some() {} }).await.is_err() {
+            let _ = self.stop.send(true);
+            while self.alive.recv().await.is_some() {}
+        }
         self.shared.recorder.take()
     }
 }
