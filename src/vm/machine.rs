@@ -340,9 +340,10 @@ impl Machine {
                     if accel_index + 1 == accels.len() {
                         return Err(VmError::KvmFailed(Box::new(e)));
                     }
+                    tracing::debug!("the builder under KVM: {}", crate::escape::escape(&e.to_string()));
                     tracing::warn!(
-                        "KVM is present but the builder does not boot under it; falling back to TCG: {}",
-                        crate::escape::escape(&e.to_string())
+                        "KVM cannot run the builder on this host ({}); falling back to TCG (--accel tcg skips the attempt, -v shows QEMU's words)",
+                        crate::escape::escape(&kvm_failure_reason(&e))
                     );
                     accel_index += 1;
                 }
@@ -528,6 +529,30 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
     }
 }
 
+/// Why the builder did not boot under KVM, in one line: the features of
+/// the pinned CPU model QEMU says this host's KVM lacks, else QEMU's first
+/// words, else what the watchdog saw.
+fn kvm_failure_reason(e: &VmError) -> String {
+    match e {
+        VmError::QemuExited { qemu_log, status, .. } => {
+            let missing: Vec<&str> = qemu_log
+                .lines()
+                .filter(|l| l.contains("doesn't support requested feature"))
+                // "...: CPUID.01H:ECX.sse4.2 [bit 20]": after the register.
+                .filter_map(|l| l.rsplit_once(':')?.1.split_once('.')?.1.split_whitespace().next())
+                .collect();
+            if missing.is_empty() {
+                let first = qemu_log.lines().map(str::trim).find(|l| !l.is_empty());
+                first.map_or_else(|| format!("QEMU exited ({status})"), |l| format!("QEMU: {l}"))
+            } else {
+                format!("its KVM lacks features of the pinned CPU model: {}", missing.join(" "))
+            }
+        }
+        VmError::BootTimeout { source, .. } => format!("the guest hung: {source}"),
+        other => other.to_string(),
+    }
+}
+
 /// How long the console of a KVM guest may stay silent before its init
 /// runs before KVM is declared hung: a tenth of `--boot-timeout`, at least
 /// 20 s. The kernel prints its boot messages (see
@@ -674,6 +699,27 @@ mod tests {
         let last = start + Duration::from_secs(600);
         assert_eq!(watchdog.silent_for(3200, last + Duration::from_secs(19)), None);
         assert_eq!(watchdog.silent_for(3200, last + Duration::from_secs(21)), Some(Duration::from_secs(21)));
+    }
+
+    #[test]
+    fn a_kvm_refusal_is_one_line_naming_the_missing_features() {
+        let qemu_log = "qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.01H:ECX.pni [bit 0]\n\
+                        qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.01H:ECX.sse4.2 [bit 20]\n\
+                        qemu-system-x86_64: Host doesn't support requested features\n";
+        let refused = VmError::QemuExited { status: "exit status: 1".into(), qemu_log: qemu_log.into(), serial_tail: String::new() };
+        assert_eq!(kvm_failure_reason(&refused), "its KVM lacks features of the pinned CPU model: pni sse4.2");
+        let other = VmError::QemuExited {
+            status: "exit status: 1".into(),
+            qemu_log: "\nqemu: failed to open /dev/kvm\n".into(),
+            serial_tail: String::new(),
+        };
+        assert_eq!(kvm_failure_reason(&other), "QEMU: qemu: failed to open /dev/kvm");
+        let hung = VmError::BootTimeout {
+            accel: "kvm",
+            serial_tail: String::new(),
+            source: Timeout { what: "new console output".into(), waited: Duration::from_secs(30), last_cause: None },
+        };
+        assert!(kvm_failure_reason(&hung).starts_with("the guest hung: timed out after 30"), "{}", kvm_failure_reason(&hung));
     }
 
     #[test]
