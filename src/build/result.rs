@@ -72,9 +72,9 @@ pub struct EgressRecord {
     /// The result.json whose downloads were replayed, with no network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replayed_from: Option<PathBuf>,
-    /// HTTPS tunnels (CONNECT): host, port and byte counts; their content is
-    /// not recorded and cannot be replayed.
-    pub tunnels: Vec<Tunnel>,
+    /// HTTPS tunnels (CONNECT): host, port and byte counts. Their content
+    /// is not recorded and cannot be replayed, as the name says.
+    pub unrecorded_tunnels: Vec<Tunnel>,
     /// Requests the proxy refused, and why.
     pub refused: Vec<Refusal>,
 }

@@ -574,13 +574,20 @@ impl Egress {
                 escape(&targets.join(", "))
             );
         }
+        if !report.tunnels.is_empty() {
+            let targets: Vec<String> = report.tunnels.iter().map(|t| format!("{}:{}", t.host, t.port)).collect();
+            tracing::warn!(
+                "egress: HTTPS to {} went through unrecorded tunnels: a replay cannot serve it (result.json egress.unrecorded_tunnels)",
+                escape(&targets.join(", "))
+            );
+        }
         report.check_hashes()?;
         let names = |hosts: &[AllowedHost]| hosts.iter().map(AllowedHost::to_string).collect();
         let record = EgressRecord {
             allow: names(&req.egress.allow),
             allow_cli: names(&req.egress.allow_cli),
             replayed_from: req.egress.replay.as_ref().map(|(file, _)| file.clone()),
-            tunnels: report.tunnels,
+            unrecorded_tunnels: report.tunnels,
             refused: report.refused,
         };
         Ok((report.downloads, record))
