@@ -6,6 +6,18 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // QEMU runs `reprovm egress-relay SOCKET` for each guest connection to
+    // the egress proxy: an internal entry point, not a user command, with
+    // no runtime and no logging (its standard error is the guest's socket).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let [_, command, socket] = argv.as_slice() {
+        if command == reprovm::vm::relay::RELAY_COMMAND {
+            return match reprovm::vm::relay::relay(std::path::Path::new(socket)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(reprovm::Exit::Vm.code()),
+            };
+        }
+    }
     let args = reprovm::cli::Args::parse();
     reprovm::cli::init_logging(args.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {

@@ -294,9 +294,23 @@ pub async fn verify(args: BuildArgs, expect: PathBuf, diffoscope: bool) -> Resul
 }
 
 /// `reprovm compare`: exit 0 when all records agree, 1 otherwise.
-pub fn compare(files: Vec<PathBuf>) -> Result<u8, Error> {
+pub fn compare(files: Vec<PathBuf>, json: bool) -> Result<u8, Error> {
     let records = files.iter().map(|f| load_record(f)).collect::<Result<Vec<_>, _>>()?;
     let refs: Vec<&Record> = records.iter().collect();
+    if json {
+        let rows = compare_rows(&refs, false);
+        let identical = all_identical(&rows);
+        let inputs: Vec<serde_json::Value> =
+            differing_inputs(&refs).into_iter().map(|(name, values)| serde_json::json!({ "name": name, "values": values })).collect();
+        let report = serde_json::json!({
+            "records": files,
+            "identical": identical,
+            "artifacts": rows,
+            "differing_inputs": inputs,
+        });
+        println!("{}", serde_json::to_string_pretty(&report).expect("JSON values serialize"));
+        return Ok(if identical { Exit::Ok } else { Exit::Differ }.code());
+    }
     let headers: Vec<String> = (1..=records.len()).map(|i| format!("#{i}")).collect();
     for (h, f) in headers.iter().zip(&files) {
         // File names may come from a downloaded directory (a shell glob): escaped.

@@ -30,7 +30,25 @@ fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
             let image = fetch_image(&url, expected, &store)?;
             println!("{}", image.pin);
         }
-        ImageCommand::List => {
+        ImageCommand::List { json: true } => {
+            let images: Vec<serde_json::Value> = store
+                .list()?
+                .iter()
+                .map(|image| {
+                    let meta = &image.layout.metadata;
+                    serde_json::json!({
+                        "pin": image.pin.to_string(),
+                        "size": image.size,
+                        "name": meta.name,
+                        "distribution": meta.distribution,
+                        "architecture": meta.architecture,
+                        "source_date_epoch": meta.source_date_epoch,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&images).expect("JSON values serialize"));
+        }
+        ImageCommand::List { json: false } => {
             println!("{:<71}  {:>10}  {:<10}  {:<24}  DISTRIBUTION", "PIN", "SIZE", "DATE", "RECIPE");
             for image in store.list()? {
                 let meta = &image.layout.metadata;

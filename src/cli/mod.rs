@@ -3,6 +3,8 @@
 
 mod attest;
 mod build;
+mod doctor;
+mod generate;
 mod image;
 mod run;
 
@@ -75,6 +77,10 @@ pub enum Commands {
         /// Two or more result.json, SHA256SUMS or provenance envelope files.
         #[arg(required = true, num_args = 2.., value_name = "RESULT")]
         results: Vec<PathBuf>,
+        /// Print the comparison as JSON (records, artifacts with a status and
+        /// a hash per record, differing inputs) instead of the tables.
+        #[arg(long)]
+        json: bool,
     },
     /// Attestations: sign a build's provenance.
     #[command(subcommand)]
@@ -88,12 +94,20 @@ pub enum Commands {
     /// Recorded downloads: move a build's downloads between machines as one file.
     #[command(subcommand)]
     Downloads(DownloadsCommand),
-    /// Internal: run by QEMU for each guest connection to the egress proxy
-    /// (joins its standard input and output to the proxy's socket).
-    #[command(hide = true)]
-    EgressRelay {
-        /// The proxy's Unix socket.
-        socket: PathBuf,
+    /// What this host can do: KVM (and why not), QEMU, free space, the image
+    /// store and the download cache, in one screen.
+    Doctor,
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page reprovm(1), or write one page per command into --dir.
+    Man {
+        /// Write reprovm.1, reprovm-build.1, … into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -167,7 +181,11 @@ pub enum ImageCommand {
         sha256: String,
     },
     /// List the bundles in the store.
-    List,
+    List {
+        /// Print a JSON array (pin, size, name, distribution, architecture, source_date_epoch) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-hash bundles in the store (all of them when no pin is given).
     Verify {
         /// The pin to verify.
@@ -357,13 +375,15 @@ pub async fn run(args: Args) -> u8 {
                 (None, Some(expect)) => build::verify(args, expect, diffoscope).await,
                 (None, None) => Err(Error::Usage("verify needs --expect FILE (or --attestations DIR)".into())),
             },
-            Commands::Compare { results } => build::compare(results),
+            Commands::Compare { results, json } => build::compare(results, json),
             Commands::Attest(cmd) => attest::run(cmd),
             Commands::Downloads(cmd) => downloads(cmd),
-            Commands::EgressRelay { socket } => match tokio::task::spawn_blocking(move || crate::vm::relay::relay(&socket)).await {
-                Ok(Ok(())) => Ok(Exit::Ok.code()),
-                _ => Ok(Exit::Vm.code()),
-            },
+            Commands::Doctor => doctor::doctor().await,
+            Commands::Completions { shell } => {
+                generate::completions(shell);
+                Ok(Exit::Ok.code())
+            }
+            Commands::Man { dir } => generate::man(dir.as_deref()).map(|()| Exit::Ok.code()),
         }
     };
     let result = tokio::select! {

@@ -154,7 +154,7 @@ impl EgressRelay {
     fn guestfwd(&self) -> String {
         let quote =
             |p: &PathBuf| shlex::try_quote(&p.display().to_string()).map(|q| q.into_owned()).unwrap_or_else(|_| "/nonexistent".into());
-        let command = format!("{} egress-relay {}", quote(&self.program), quote(&self.socket));
+        let command = format!("{} {} {}", quote(&self.program), crate::vm::relay::RELAY_COMMAND, quote(&self.socket));
         format!("guestfwd=tcp:{}:{}-cmd:{}", EGRESS_PROXY.0, EGRESS_PROXY.1, command.replace(',', ",,"))
     }
 }

@@ -535,12 +535,7 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
 fn kvm_failure_reason(e: &VmError) -> String {
     match e {
         VmError::QemuExited { qemu_log, status, .. } => {
-            let missing: Vec<&str> = qemu_log
-                .lines()
-                .filter(|l| l.contains("doesn't support requested feature"))
-                // "...: CPUID.01H:ECX.sse4.2 [bit 20]": after the register.
-                .filter_map(|l| l.rsplit_once(':')?.1.split_once('.')?.1.split_whitespace().next())
-                .collect();
+            let missing = missing_kvm_features(qemu_log);
             if missing.is_empty() {
                 let first = qemu_log.lines().map(str::trim).find(|l| !l.is_empty());
                 first.map_or_else(|| format!("QEMU exited ({status})"), |l| format!("QEMU: {l}"))
@@ -551,6 +546,17 @@ fn kvm_failure_reason(e: &VmError) -> String {
         VmError::BootTimeout { source, .. } => format!("the guest hung: {source}"),
         other => other.to_string(),
     }
+}
+
+/// The CPU features QEMU's words say this host's KVM lacks (with
+/// `enforce`, QEMU refuses the CPU model then).
+pub fn missing_kvm_features(qemu_log: &str) -> Vec<&str> {
+    qemu_log
+        .lines()
+        .filter(|l| l.contains("doesn't support requested feature"))
+        // "...: CPUID.01H:ECX.sse4.2 [bit 20]": after the register.
+        .filter_map(|l| l.rsplit_once(':')?.1.split_once('.')?.1.split_whitespace().next())
+        .collect()
 }
 
 /// How long the console of a KVM guest may stay silent before its init

@@ -13,6 +13,9 @@ use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+/// The first argument that makes the reprovm binary the relay (`main.rs`).
+pub const RELAY_COMMAND: &str = "egress-relay";
+
 /// Joins standard input and output to the proxy at `socket`.
 pub fn relay(socket: &Path) -> io::Result<()> {
     let proxy = UnixStream::connect(socket)?;
