@@ -462,14 +462,31 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
         None => None,
     };
     let (launched, facts, artifacts) = guest?;
-    let downloads = match &egress {
-        Some(record) => record.0.clone(),
-        None => Vec::new(),
-    };
-
-    let recipe_sha256 = crate::image::pin::hash_file(&req.recipe_file).map_err(path_error("hash", &req.recipe_file))?.hex();
+    let machine = MachineRecord { launched, network: opts.network, scratch_mib: req.recipe.machine.scratch() };
     timings.total = total.elapsed().as_secs_f64();
-    let result = BuildResult {
+    let result = assemble_result(req, &image, prepared, machine, (facts, artifacts), egress, timings)?;
+    write_results(output.path(), &result)?;
+    crate::attest::write_provenance(output.path(), &result, req.sign.as_ref())?;
+    Ok(result)
+}
+
+/// result.json of a finished build: what went in, the machine, what the
+/// guest said, the egress proxy's account and what came out.
+fn assemble_result(
+    req: &BuildRequest,
+    image: &VerifiedImage,
+    prepared: Prepared,
+    machine: MachineRecord,
+    (guest, outputs): (GuestFacts, Vec<Artifact>),
+    egress: Option<(Vec<Download>, EgressRecord)>,
+    timings: Timings,
+) -> Result<BuildResult, BuildError> {
+    let recipe_sha256 = crate::image::pin::hash_file(&req.recipe_file).map_err(path_error("hash", &req.recipe_file))?.hex();
+    let (downloads, egress) = match egress {
+        Some((downloads, record)) => (downloads, Some(record)),
+        None => (Vec::new(), None),
+    };
+    Ok(BuildResult {
         format: RESULT_FORMAT,
         reprovm_version: env!("CARGO_PKG_VERSION").to_string(),
         inputs: Inputs {
@@ -481,15 +498,12 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
             recipe: RecipeRecord { file: req.recipe_file.clone(), sha256: recipe_sha256, effective: req.recipe.clone() },
             downloads,
         },
-        machine: MachineRecord { launched, network: opts.network, scratch_mib: req.recipe.machine.scratch() },
-        guest: facts,
-        egress: egress.map(|record| record.1),
-        outputs: artifacts,
+        machine,
+        guest,
+        egress,
+        outputs,
         timings,
-    };
-    write_results(output.path(), &result)?;
-    crate::attest::write_provenance(output.path(), &result, req.sign.as_ref())?;
-    Ok(result)
+    })
 }
 
 /// Boot, build, collect, power off, extract: the stages with the guest.

@@ -4,7 +4,7 @@ use crate::cli::{parse_pin, Error, ImageCommand};
 use crate::escape::escape;
 use crate::image::build::{build_image, BuildOptions};
 use crate::image::fetch::fetch_image;
-use crate::image::{Store, StoreError};
+use crate::image::{Store, StoreError, StoredImage};
 use crate::Exit;
 
 /// Runs one `image` subcommand; blocking work goes to a blocking thread.
@@ -30,41 +30,12 @@ fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
             let image = fetch_image(&url, expected, &store)?;
             println!("{}", image.pin);
         }
-        ImageCommand::List { json: true } => {
-            let images: Vec<serde_json::Value> = store
-                .list()?
-                .iter()
-                .map(|image| {
-                    let meta = &image.layout.metadata;
-                    serde_json::json!({
-                        "pin": image.pin.to_string(),
-                        "size": image.size,
-                        "name": meta.name,
-                        "distribution": meta.distribution,
-                        "architecture": meta.architecture,
-                        "source_date_epoch": meta.source_date_epoch,
-                    })
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&images).expect("JSON values serialize"));
-        }
-        ImageCommand::List { json: false } => {
-            println!("{:<71}  {:>10}  {:<10}  {:<24}  DISTRIBUTION", "PIN", "SIZE", "DATE", "RECIPE");
-            for image in store.list()? {
-                let meta = &image.layout.metadata;
-                let date = time::OffsetDateTime::from_unix_timestamp(meta.source_date_epoch)
-                    .map(|d| d.date().to_string())
-                    .unwrap_or_else(|_| "?".into());
-                println!(
-                    "{:<71}  {:>10}  {:<10}  {:<24}  {} {}",
-                    image.pin.to_string(),
-                    human_size(image.size),
-                    date,
-                    // A fetched bundle's metadata is outside text.
-                    escape(&meta.name),
-                    escape(&meta.distribution),
-                    escape(&meta.architecture)
-                );
+        ImageCommand::List { json } => {
+            let images = store.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list_json(&images)).expect("JSON values serialize"));
+            } else {
+                print!("{}", list_table(&images));
             }
         }
         ImageCommand::Verify { pin } => {
@@ -90,6 +61,45 @@ fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
         }
     }
     Ok(Exit::Ok)
+}
+
+/// `image list --json`: one object per bundle.
+fn list_json(images: &[StoredImage]) -> Vec<serde_json::Value> {
+    images
+        .iter()
+        .map(|image| {
+            let meta = &image.layout.metadata;
+            serde_json::json!({
+                "pin": image.pin.to_string(),
+                "size": image.size,
+                "name": meta.name,
+                "distribution": meta.distribution,
+                "architecture": meta.architecture,
+                "source_date_epoch": meta.source_date_epoch,
+            })
+        })
+        .collect()
+}
+
+/// `image list`: the table.
+fn list_table(images: &[StoredImage]) -> String {
+    let mut out = format!("{:<71}  {:>10}  {:<10}  {:<24}  DISTRIBUTION\n", "PIN", "SIZE", "DATE", "RECIPE");
+    for image in images {
+        let meta = &image.layout.metadata;
+        let date =
+            time::OffsetDateTime::from_unix_timestamp(meta.source_date_epoch).map(|d| d.date().to_string()).unwrap_or_else(|_| "?".into());
+        out.push_str(&format!(
+            "{:<71}  {:>10}  {:<10}  {:<24}  {} {}\n",
+            image.pin.to_string(),
+            human_size(image.size),
+            date,
+            // A fetched bundle's metadata is outside text.
+            escape(&meta.name),
+            escape(&meta.distribution),
+            escape(&meta.architecture)
+        ));
+    }
+    out
 }
 
 fn human_size(bytes: u64) -> String {
