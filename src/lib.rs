@@ -30,6 +30,8 @@ pub mod logs;
 pub mod path_error;
 /// Supervised child processes: own process group, graceful stop, always reaped.
 pub mod process;
+/// Spinners, progress bars and colour on stderr: only on a terminal, never with --quiet.
+pub mod terminal;
 /// The machine stage: QEMU arguments, accelerator choice, QMP, VM lifecycle.
 pub mod vm;
 

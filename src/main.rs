@@ -19,7 +19,8 @@ fn main() -> ExitCode {
         }
     }
     let args = reprovm::cli::Args::parse();
-    reprovm::cli::init_logging(args.verbose);
+    reprovm::terminal::set_quiet(args.quiet);
+    reprovm::cli::init_logging(args.verbose, args.quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

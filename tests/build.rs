@@ -127,11 +127,22 @@ fn build_hello_then_verify_and_compare() {
         assert!(err.contains("install diffoscope"), "{err}");
     }
 
-    // Against the true SHA256SUMS and the first result.json: exit 0.
+    // Against the true SHA256SUMS and the first result.json: exit 0. The
+    // second time with --json --quiet: the comparison parses back, and
+    // stderr carries neither stage lines nor the build's output.
     let (_, err, code) = verify(&out.join("SHA256SUMS"), &[]);
     assert_eq!(code, 0, "{err}");
-    let (_, err, code) = verify(&out.join("result.json"), &[]);
+    assert!(err.contains("build finished") && err.contains("hello.c"), "without --quiet: stages and the build's output: {err}");
+    let (json, err, code) = verify(&out.join("result.json"), &["--json", "--quiet"]);
     assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("build finished") && !err.contains("hello.c") && !err.contains("output in"), "--quiet: {err}");
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(report["identical"], true, "{report}");
+    assert_eq!(report["records"][1], out2.join("result.json").to_str().unwrap(), "{report}");
+    let rows = report["artifacts"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{report}");
+    assert!(rows.iter().all(|r| r["status"] == "identical"), "{report}");
+    assert_eq!(report["result"]["outputs"], result["outputs"], "the rebuilt result, with the first build's hashes");
 
     // Compare the two builders' results, and the first one's envelope: identical.
     let (table, err, code) = text(

@@ -10,6 +10,8 @@ use std::io::{self, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
+use indicatif::HumanBytes;
+
 use crate::build::output::OWN_NAMES;
 use crate::image::pin::hash_reader;
 use crate::path_error::{path_error, PathError};
@@ -71,9 +73,13 @@ fn checked_path(raw: &[u8]) -> Result<PathBuf, ArtifactError> {
     Ok(path.to_path_buf())
 }
 
+/// Artifacts at least this large show their progress on the stage's bar.
+const SHOWN_SIZE: u64 = 16 << 20;
+
 /// Unpacks the guest's artifact tar (`archive`, the raw output disk) into
 /// `dest` (a fresh directory) and returns the artifacts sorted by path.
-pub fn extract(archive: &Path, dest: &Path) -> Result<Vec<Artifact>, ArtifactError> {
+/// Large artifacts show their name and bytes so far on `bar`.
+pub fn extract(archive: &Path, dest: &Path, bar: &indicatif::ProgressBar) -> Result<Vec<Artifact>, ArtifactError> {
     let file = File::open(archive).map_err(path_error("open", archive))?;
     let mut tar = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
     let mut seen = BTreeSet::new();
@@ -102,9 +108,17 @@ pub fn extract(archive: &Path, dest: &Path) -> Result<Vec<Artifact>, ArtifactErr
             .mode(if executable { 0o755 } else { 0o644 })
             .open(&target)
             .map_err(path_error("create", &target))?;
-        let (digest, size) = hash_reader(&mut entry, |chunk| out.write_all(chunk))
-            .and_then(|hashed| out.flush().map(|()| hashed))
-            .map_err(path_error("write", &target))?;
+        let total = entry.size();
+        let mut done = 0;
+        let (digest, size) = hash_reader(&mut entry, |chunk| {
+            if total >= SHOWN_SIZE {
+                done += chunk.len() as u64;
+                bar.set_message(format!("fetching {shown} {}/{}", HumanBytes(done), HumanBytes(total)));
+            }
+            out.write_all(chunk)
+        })
+        .and_then(|hashed| out.flush().map(|()| hashed))
+        .map_err(path_error("write", &target))?;
         artifacts.push(Artifact { path: shown, size, sha256: digest.hex() });
     }
     artifacts.sort();
@@ -195,7 +209,7 @@ mod tests {
     fn extracts_and_hashes_regular_files() {
         let t = tar_with(&[("b/hello", tar::EntryType::Regular, b"hi\n"), ("a.txt", tar::EntryType::Regular, b"")]);
         let dest = tempfile::tempdir().unwrap();
-        let got = extract(t.path(), dest.path()).unwrap();
+        let got = extract(t.path(), dest.path(), &indicatif::ProgressBar::hidden()).unwrap();
         assert_eq!(
             got[0],
             Artifact { path: "a.txt".into(), size: 0, sha256: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into() }
@@ -224,7 +238,7 @@ mod tests {
         ] {
             let t = tar_with(&entries);
             let dest = tempfile::tempdir().unwrap();
-            let e = extract(t.path(), dest.path()).unwrap_err().to_string();
+            let e = extract(t.path(), dest.path(), &indicatif::ProgressBar::hidden()).unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");
             assert!(!dest.path().parent().unwrap().join("evil").exists());
         }

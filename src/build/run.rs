@@ -19,6 +19,7 @@ use crate::build::BuildError;
 use crate::deadline::Deadline;
 use crate::egress::{AllowedHost, Download, DownloadCache, EgressMode, EgressPolicy, Proxy, DEFAULT_DOWNLOAD_LIMIT};
 use crate::escape::{escape, EscapingWriter};
+use crate::guest::provision::{ARCHIVE_ARTIFACTS, COLLECT_ARTIFACTS, PREPARE_BUILD};
 use crate::guest::session::BUILD_USER;
 use crate::guest::{GuestError, GuestFacts, GuestSession};
 use crate::host_tools::{make_ext4, Ext4Spec};
@@ -28,12 +29,6 @@ use crate::logs::{CappedLog, SharedLog};
 use crate::path_error::path_error;
 use crate::vm::{AccelChoice, BootOptions, EgressRelay, ExtraDisk, LaunchedMachine, Machine, Network, VmError, EGRESS_PROXY};
 
-/// Mounts the scratch disk in the guest (run as root).
-const PREPARE_SCRIPT: &str = include_str!("../../provision/prepare-build");
-/// Collects the artifacts onto the output disk (run as root)…
-const COLLECT_SCRIPT: &str = include_str!("../../provision/collect-artifacts");
-/// …after it made the build user list and archive them with this.
-const ARCHIVE_SCRIPT: &str = include_str!("../../provision/archive-artifacts");
 /// Serial numbers the guest scripts find the disks by.
 const SCRATCH_SERIAL: &str = "reprovm-scratch";
 const OUTPUT_SERIAL: &str = "reprovm-output";
@@ -95,6 +90,9 @@ pub trait Progress: Send + Sync {
     fn begin(&self, what: &str, streams_output: bool);
     /// The current stage ended; `summary` says what it did.
     fn end(&self, summary: &str, took: Duration);
+    /// The current stage's bar, on which it may show what it is at (hidden
+    /// when none is drawn).
+    fn bar(&self) -> indicatif::ProgressBar;
 }
 
 /// Runs `what` on a blocking thread (hashing, archiving, SSH).
@@ -212,16 +210,17 @@ fn guest_command(command: &str, env: &[(String, String)], root: bool) -> String 
     format!("cd {BUILD_DIR} && umask 022 && exec {user}env -i {} /bin/sh -c {}", env.join(" "), quote(command))
 }
 
-/// Copies the build's output to build.log (raw, capped) and to reprovm's
-/// stderr (escaped, and only what fits under the log's cap).
+/// Copies the build's output to build.log (raw, capped) and, unless
+/// `--quiet`, to reprovm's stderr (escaped, and only what fits under the
+/// log's cap).
 struct Tee {
     log: SharedLog,
-    stderr: EscapingWriter<io::Stderr>,
+    stderr: Option<EscapingWriter<io::Stderr>>,
 }
 
 impl Tee {
     fn new(log: &SharedLog) -> Tee {
-        Tee { log: log.clone(), stderr: EscapingWriter::new(io::stderr()) }
+        Tee { log: log.clone(), stderr: (!crate::terminal::quiet()).then(|| EscapingWriter::new(io::stderr())) }
     }
 }
 
@@ -229,15 +228,17 @@ impl Write for Tee {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let capped_before = self.log.omitted() > 0;
         let kept = self.log.append(buf)?;
-        let _ = self.stderr.write_all(&buf[..kept]);
-        if kept < buf.len() && !capped_before {
-            let _ = self.stderr.flush();
-            eprintln!("\n[reprovm: the build's output passed --log-limit; the rest is not shown, and build.log keeps its last MiB]");
+        if let Some(stderr) = &mut self.stderr {
+            let _ = stderr.write_all(&buf[..kept]);
+            if kept < buf.len() && !capped_before {
+                let _ = stderr.flush();
+                eprintln!("\n[reprovm: the build's output passed --log-limit; the rest is not shown, and build.log keeps its last MiB]");
+            }
         }
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.stderr.flush()
+        self.stderr.as_mut().map_or(Ok(()), Write::flush)
     }
 }
 
@@ -257,7 +258,7 @@ fn ssh_failure(source: GuestError) -> BuildError {
 fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path: &Path) -> Result<GuestOutcome, BuildError> {
     let start = Instant::now();
     let proxy = if req.recipe.build.network.machine_network() == Network::Egress { egress_proxy_url() } else { String::new() };
-    let mount = format!("sh -c {} prepare-build {}", quote(PREPARE_SCRIPT), quote(&proxy));
+    let mount = format!("sh -c {} prepare-build {}", quote(PREPARE_BUILD), quote(&proxy));
     let (status, out, err) =
         session.exec_capture_until(&mount, Some((Deadline::after(GUEST_STEP_LIMIT), "the scratch disk to mount"))).map_err(ssh_failure)?;
     if status != 0 {
@@ -314,7 +315,7 @@ fn guest_commands(
 /// Collects the artifacts onto the output disk (over SSH, blocking), within
 /// the build's own time limit.
 fn guest_collect(session: &GuestSession, limit: Duration) -> Result<(), BuildError> {
-    let collect = format!("bash -c {} collect-artifacts {}", quote(COLLECT_SCRIPT), quote(ARCHIVE_SCRIPT));
+    let collect = format!("bash -c {} collect-artifacts {}", quote(COLLECT_ARTIFACTS), quote(ARCHIVE_ARTIFACTS));
     let (status, out, err) =
         session.exec_capture_until(&collect, Some((Deadline::after(limit), "the artifacts to be collected"))).map_err(ssh_failure)?;
     let problems: Vec<String> = out
@@ -538,7 +539,8 @@ async fn guest_stages(
     let facts = machine.facts.clone();
     machine.shutdown(Some(&serial_copy)).await;
     let (disk, staging) = (prepared.disks.output(), output.path().to_path_buf());
-    let artifacts: Vec<Artifact> = blocking(move || artifacts::extract(&disk, &staging)).await?;
+    let bar = progress.bar();
+    let artifacts: Vec<Artifact> = blocking(move || artifacts::extract(&disk, &staging, &bar)).await?;
     let bytes: u64 = artifacts.iter().map(|a| a.size).sum();
     timings.artifacts = start.elapsed().as_secs_f64();
     progress.end(&format!("{} artifacts fetched, {:.1} MiB", artifacts.len(), bytes as f64 / 1048576.0), start.elapsed());

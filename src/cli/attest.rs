@@ -102,7 +102,7 @@ pub fn run(cmd: AttestCommand) -> Result<u8, Error> {
     }
     let target = out.unwrap_or_else(|| dir.join(ENVELOPE_FILE));
     std::fs::write(&target, Envelope::sign(&payload, &key).to_file_bytes()).map_err(path_error("write", &target))?;
-    eprintln!("{} signed with {}: {}", file.display(), key.fingerprint(), target.display());
+    crate::terminal::note(format_args!("{} signed with {}: {}", file.display(), key.fingerprint(), target.display()));
     Ok(Exit::Ok.code())
 }
 
@@ -120,7 +120,7 @@ pub fn verify(args: AgreementArgs, expect: Option<PathBuf>, sign: Option<PathBuf
     let report = check_dir(&dir, &trusted, threshold as usize, expected.as_ref())?;
     print!("{}", report.render(&trusted));
     if expected.is_none() {
-        eprintln!("(no --expect: each artifact's reference is the hash most trusted rebuilders attest)");
+        crate::terminal::note(format_args!("(no --expect: each artifact's reference is the hash most trusted rebuilders attest)"));
     }
     eprintln!("{}", report.outcome());
     if let Some(vsa) = args.vsa {
@@ -135,7 +135,7 @@ pub fn verify(args: AgreementArgs, expect: Option<PathBuf>, sign: Option<PathBuf
             None => payload,
         };
         std::fs::write(&vsa, bytes).map_err(path_error("write", &vsa))?;
-        eprintln!("verification summary written to {}", vsa.display());
+        crate::terminal::note(format_args!("verification summary written to {}", vsa.display()));
     }
     Ok(if report.met { Exit::Ok } else { Exit::Differ }.code())
 }

@@ -3,13 +3,12 @@
 //! stdout carries only what a script would read (SHA256SUMS, result.json,
 //! the comparison table).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use crate::attest::keys::SigningKey;
 use crate::build::artifacts::sha256sums;
@@ -22,6 +21,7 @@ use crate::cli::{Error, MachineArgs};
 use crate::egress::AllowedHost;
 use crate::escape::escape;
 use crate::image::Store;
+use crate::terminal;
 use crate::vm::Network;
 use crate::Exit;
 
@@ -63,7 +63,9 @@ pub struct BuildArgs {
     /// Limit for the build in seconds (overrides build.timeout_secs).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
-    /// Print result.json on stdout instead of SHA256SUMS.
+    /// Print JSON on stdout: `build`, result.json instead of SHA256SUMS;
+    /// `verify`, the comparison (as `compare --json`) with the result as
+    /// `result`, instead of the table.
     #[arg(long)]
     pub json: bool,
     /// Sign the provenance with this OpenSSH Ed25519 private key
@@ -73,37 +75,30 @@ pub struct BuildArgs {
     pub sign: Option<PathBuf>,
 }
 
-/// Stage lines on stderr, with a spinner while a stage runs on a terminal.
+/// Stage lines on stderr, with a spinner while a stage runs on a terminal;
+/// nothing with `--quiet`.
 struct StageProgress {
     spinner: Mutex<Option<ProgressBar>>,
-    tty: bool,
-}
-
-impl StageProgress {
-    fn new() -> StageProgress {
-        StageProgress { spinner: Mutex::new(None), tty: std::io::stderr().is_terminal() }
-    }
 }
 
 impl Progress for StageProgress {
     fn begin(&self, what: &str, streams_output: bool) {
-        if streams_output || !self.tty {
-            if streams_output {
-                eprintln!("{what}…");
-            }
+        if streams_output {
+            terminal::note(format_args!("{what}…"));
             return;
         }
-        let bar = ProgressBar::new_spinner().with_message(format!("{what}…"));
-        bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("a valid template"));
-        bar.enable_steady_tick(Duration::from_millis(120));
-        *self.spinner.lock().expect("spinner lock") = Some(bar);
+        *self.spinner.lock().expect("spinner lock") = Some(terminal::spinner(&format!("{what}…")));
     }
 
     fn end(&self, summary: &str, took: Duration) {
         if let Some(bar) = self.spinner.lock().expect("spinner lock").take() {
             bar.finish_and_clear();
         }
-        eprintln!("{summary} ({:.1}s)", took.as_secs_f64());
+        terminal::note(format_args!("{summary} ({:.1}s)", took.as_secs_f64()));
+    }
+
+    fn bar(&self) -> ProgressBar {
+        self.spinner.lock().expect("spinner lock").clone().unwrap_or_else(ProgressBar::hidden)
     }
 }
 
@@ -195,15 +190,15 @@ fn egress_request(args: &BuildArgs, network: &NetworkAccess) -> Result<EgressReq
 }
 
 async fn run_build(req: BuildRequest) -> Result<BuildResult, Error> {
-    let progress = StageProgress::new();
+    let progress = StageProgress { spinner: Mutex::new(None) };
     let (out, signed) = (req.out.clone(), req.sign.is_some());
     let result = run::run(req, &progress).await?;
     let signed = if signed { ", provenance.intoto.dsse.json" } else { "" };
-    eprintln!(
+    terminal::note(format_args!(
         "output in {}: {} artifacts, SHA256SUMS, result.json, provenance.intoto.json{signed}, build.log, serial.log",
         out.display(),
         result.outputs.len()
-    );
+    ));
     Ok(result)
 }
 
@@ -273,13 +268,15 @@ pub async fn verify(args: BuildArgs, expect: PathBuf, diffoscope: bool) -> Resul
     };
     let rows = compare_rows(&[&expected, &actual], true);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&result).expect("a result serializes"));
+        let mut report = comparison_json(&[expect.clone(), actual.file.clone()], &rows, &[&expected, &actual]);
+        report["result"] = serde_json::to_value(&result).expect("a result serializes");
+        println!("{}", serde_json::to_string_pretty(&report).expect("JSON values serialize"));
     } else {
         println!("{}", render_rows(&rows, &["expected".into(), "rebuilt".into()]));
     }
     let identical = all_identical(&rows);
     if identical {
-        eprintln!("all {} artifacts are identical to {}", rows.len(), expect.display());
+        terminal::note(format_args!("all {} artifacts are identical to {}", rows.len(), expect.display()));
         return Ok(Exit::Ok.code());
     }
     let bad = rows.iter().filter(|r| r.status != Status::Identical).count();
@@ -288,9 +285,24 @@ pub async fn verify(args: BuildArgs, expect: PathBuf, diffoscope: bool) -> Resul
     if diffoscope {
         diffoscope_reports(&rows, expect.parent().unwrap_or(Path::new(".")), &out);
     } else {
-        eprintln!("(--diffoscope shows what differs inside each artifact; it opens them on this host, see docs/security.md)");
+        terminal::note(format_args!(
+            "(--diffoscope shows what differs inside each artifact; it opens them on this host, see docs/security.md)"
+        ));
     }
     Ok(Exit::Differ.code())
+}
+
+/// The `--json` comparison of `compare` and `verify`: the records, whether
+/// all are identical, each artifact's status and hashes, differing inputs.
+fn comparison_json(files: &[PathBuf], rows: &[crate::build::compare::Row], records: &[&Record]) -> serde_json::Value {
+    let inputs: Vec<serde_json::Value> =
+        differing_inputs(records).into_iter().map(|(name, values)| serde_json::json!({ "name": name, "values": values })).collect();
+    serde_json::json!({
+        "records": files,
+        "identical": all_identical(rows),
+        "artifacts": rows,
+        "differing_inputs": inputs,
+    })
 }
 
 /// `reprovm compare`: exit 0 when all records agree, 1 otherwise.
@@ -299,17 +311,8 @@ pub fn compare(files: Vec<PathBuf>, json: bool) -> Result<u8, Error> {
     let refs: Vec<&Record> = records.iter().collect();
     if json {
         let rows = compare_rows(&refs, false);
-        let identical = all_identical(&rows);
-        let inputs: Vec<serde_json::Value> =
-            differing_inputs(&refs).into_iter().map(|(name, values)| serde_json::json!({ "name": name, "values": values })).collect();
-        let report = serde_json::json!({
-            "records": files,
-            "identical": identical,
-            "artifacts": rows,
-            "differing_inputs": inputs,
-        });
-        println!("{}", serde_json::to_string_pretty(&report).expect("JSON values serialize"));
-        return Ok(if identical { Exit::Ok } else { Exit::Differ }.code());
+        println!("{}", serde_json::to_string_pretty(&comparison_json(&files, &rows, &refs)).expect("JSON values serialize"));
+        return Ok(if all_identical(&rows) { Exit::Ok } else { Exit::Differ }.code());
     }
     let headers: Vec<String> = (1..=records.len()).map(|i| format!("#{i}")).collect();
     for (h, f) in headers.iter().zip(&files) {
@@ -320,7 +323,7 @@ pub fn compare(files: Vec<PathBuf>, json: bool) -> Result<u8, Error> {
     println!("{}", render_rows(&rows, &headers));
     let inputs = render_inputs(&differing_inputs(&refs), &headers);
     if all_identical(&rows) {
-        eprintln!("all {} artifacts are identical in the {} records", rows.len(), records.len());
+        terminal::note(format_args!("all {} artifacts are identical in the {} records", rows.len(), records.len()));
         if !inputs.is_empty() {
             eprint!("(the same bytes from different inputs)\n{inputs}");
         }

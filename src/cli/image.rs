@@ -4,7 +4,9 @@ use crate::cli::{parse_pin, Error, ImageCommand};
 use crate::escape::escape;
 use crate::image::build::{build_image, BuildOptions};
 use crate::image::fetch::fetch_image;
+use crate::image::recipe::{write_default_recipe, DEFAULT_RECIPE_DIR};
 use crate::image::{Store, StoreError, StoredImage};
+use crate::path_error::path_error;
 use crate::Exit;
 
 /// Runs one `image` subcommand; blocking work goes to a blocking thread.
@@ -16,7 +18,20 @@ fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
     let store = Store::from_env()?;
     match cmd {
         ImageCommand::Build { recipe_dir, out, mirror } => {
-            let image = build_image(&recipe_dir, &BuildOptions { out, mirror }, &store)?;
+            // Without a directory: the built-in default recipe, written out
+            // as it lies in reprovm's source.
+            let built_in = tempfile::tempdir().map_err(path_error("create a directory in", &std::env::temp_dir()))?;
+            let recipe_dir = match recipe_dir {
+                Some(dir) => dir,
+                None => {
+                    tracing::info!("building the default image recipe built into reprovm ({DEFAULT_RECIPE_DIR} of its source)");
+                    write_default_recipe(built_in.path())?
+                }
+            };
+            let spinner = crate::terminal::spinner("building the image (mmdebstrap, then the ext4 root and the bundle)…");
+            let built = build_image(&recipe_dir, &BuildOptions { out, mirror }, &store);
+            spinner.finish_and_clear();
+            let image = built?;
             tracing::info!("image {} ({} bytes) is in the store", image.pin, image.size);
             println!("{}", image.pin);
         }

@@ -26,8 +26,12 @@ use crate::Exit;
 #[command(name = "reprovm", version, about)]
 pub struct Args {
     /// More detail in the logs (repeat for even more).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
+    /// Only warnings, errors and what goes to stdout: no stage lines, no
+    /// live build output (build.log still has it), no progress bars.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
     /// The command to run.
     #[command(subcommand)]
     pub command: Commands,
@@ -154,9 +158,9 @@ fn parse_cpu_model(value: &str) -> Result<String, String> {
 pub enum ImageCommand {
     /// Build a bundle from a recipe and add it to the store; prints sha256:<hex> last.
     Build {
-        /// Recipe directory (or its image.toml).
-        #[arg(default_value = "vm-images/debian-bookworm-amd64")]
-        recipe_dir: PathBuf,
+        /// Recipe directory (or its image.toml) [default: the recipe built
+        /// into reprovm, vm-images/debian-bookworm-amd64 of its source].
+        recipe_dir: Option<PathBuf>,
         /// Also write the bundle to this file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -324,21 +328,21 @@ impl Error {
     }
 }
 
-/// Sets up logging to stderr: `info` by default, `-v` for debug, `-vv` for
-/// trace; `REPROVM_LOG` (an env-filter directive) overrides both.
-pub fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "reprovm=info",
-        1 => "reprovm=debug",
-        _ => "trace",
+/// Sets up logging to stderr: `info` by default, `-q` for warnings and
+/// errors only, `-v` for debug, `-vv` for trace; `REPROVM_LOG` (an
+/// env-filter directive) overrides them.
+pub fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "reprovm=warn",
+        (false, 0) => "reprovm=info",
+        (false, 1) => "reprovm=debug",
+        (false, _) => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("REPROVM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Colours only on a terminal, and never with NO_COLOR set
-    // (https://no-color.org): logs piped to a file stay plain text.
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(colour)
+        // Logs piped to a file stay plain text.
+        .with_ansi(crate::terminal::colour())
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()

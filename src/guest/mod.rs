@@ -1,8 +1,10 @@
 //! The guest stage: per-run SSH keys, the authenticated session with the
-//! builder (exec with streamed output, interactive shell), and guest facts.
+//! builder (exec with streamed output, interactive shell), guest facts, and
+//! the provision/ scripts built into the binary.
 
 pub mod facts;
 pub mod keys;
+pub mod provision;
 pub mod session;
 
 pub use facts::{FactsError, FirstContact, GuestFacts};

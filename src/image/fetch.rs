@@ -2,7 +2,6 @@
 //! store's private temporary area, hashing as it goes. A partial or wrong
 //! download is refused by the pin check and never enters the store.
 
-use std::io::{self, IsTerminal};
 use std::time::Duration;
 
 use crate::image::pin::Pin;
@@ -44,7 +43,7 @@ impl FetchError {
 }
 
 /// Downloads `url`, proves it hashes to `expected`, and adds it to `store`.
-/// A progress bar is drawn on stderr when it is a terminal.
+/// A progress bar is drawn on stderr when it is a terminal (not with --quiet).
 pub fn fetch_image(url: &str, expected: Pin, store: &Store) -> Result<StoredImage, FetchError> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(FetchError::Scheme { url: url.to_string() });
@@ -52,17 +51,7 @@ pub fn fetch_image(url: &str, expected: Pin, store: &Store) -> Result<StoredImag
     let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(30)).timeout_read(Duration::from_secs(60)).build();
     let response = agent.get(url).call().map_err(|e| FetchError::Request { url: url.to_string(), source: Box::new(e) })?;
     let length = response.header("Content-Length").and_then(|v| v.parse::<u64>().ok());
-    let bar = if io::stderr().is_terminal() {
-        let bar = length.map_or_else(indicatif::ProgressBar::no_length, indicatif::ProgressBar::new);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.set_message("downloading");
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::terminal::bytes_bar("downloading", length);
     tracing::info!("downloading {url}{}", length.map(|l| format!(" ({l} bytes)")).unwrap_or_default());
     let result = store.import_reader(response.into_reader(), url, Some(expected), |n| bar.set_position(n));
     bar.finish_and_clear();

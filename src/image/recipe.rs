@@ -1,12 +1,36 @@
 //! Image recipes: `vm-images/<name>/image.toml`, the strict description of
 //! how a builder image bundle is made (distribution, mirror, packages, date).
 
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::path_error::{path_error, PathError};
+
 /// File name of a recipe inside its directory.
 pub const RECIPE_FILE: &str = "image.toml";
+
+/// Where the default recipe lies in reprovm's source; `reprovm image build`
+/// without a directory builds the copy built into the binary.
+pub const DEFAULT_RECIPE_DIR: &str = "vm-images/debian-bookworm-amd64";
+const DEFAULT_RECIPE: &str = include_str!("../../vm-images/debian-bookworm-amd64/image.toml");
+
+/// Writes the built-in default recipe and `provision/` under `root` (an
+/// empty directory) as they lie in reprovm's source, and returns the
+/// recipe's directory: building it gives the same bundle as building the
+/// source's.
+pub fn write_default_recipe(root: &Path) -> Result<PathBuf, PathError> {
+    let recipe_dir = root.join(DEFAULT_RECIPE_DIR);
+    let provision = root.join("provision");
+    for dir in [&recipe_dir, &provision] {
+        fs::create_dir_all(dir).map_err(path_error("create", dir))?;
+    }
+    let recipe = recipe_dir.join(RECIPE_FILE);
+    fs::write(&recipe, DEFAULT_RECIPE).map_err(path_error("write", &recipe))?;
+    crate::guest::provision::write_provision(&provision)?;
+    Ok(recipe_dir)
+}
 
 /// A validated image recipe.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -154,6 +178,16 @@ provision = "../../provision"
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/debian-bookworm-amd64");
         let (recipe, _) = ImageRecipe::load(&dir).unwrap();
         assert_eq!(recipe.name, "debian-bookworm-amd64");
+        assert!(dir.join(&recipe.provision).join("customize-image").is_file());
+    }
+
+    #[test]
+    fn the_built_in_recipe_is_the_shipped_one() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = write_default_recipe(root.path()).unwrap();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_RECIPE_DIR);
+        assert_eq!(fs::read(dir.join(RECIPE_FILE)).unwrap(), fs::read(shipped.join(RECIPE_FILE)).unwrap());
+        let (recipe, _) = ImageRecipe::load(&dir).unwrap();
         assert!(dir.join(&recipe.provision).join("customize-image").is_file());
     }
 
