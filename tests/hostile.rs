@@ -302,6 +302,50 @@ fn a_recipe_asking_for_a_terabyte_is_refused_before_boot() {
     }
 }
 
+/// The tree's reprovm.toml is a symbolic link to a host secret (whose
+/// lines a TOML parse error would quote), a FIFO (which would stall the
+/// read), or a gigabyte of text: each is refused with exit 2 before
+/// anything is read, and no byte of the secret is printed. A recipe the
+/// user names with --recipe may be a link.
+#[test]
+fn a_recipe_that_is_a_link_to_a_host_file_leaks_nothing() {
+    let env = TestEnv::new();
+    let secret = env.path().join("id_ed25519");
+    fs::write(&secret, "-----BEGIN OPENSSH PRIVATE KEY-----\nSECRETKEYMATERIAL\n").unwrap();
+    let src = env.path().join("linked");
+    fs::create_dir_all(&src).unwrap();
+    symlink(&secret, src.join("reprovm.toml")).unwrap();
+    let (out, err, code) = text(&reprovm(&env).arg("build").arg(&src).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("reprovm.toml") && err.contains("symbolic link"), "{err}");
+    assert!(!format!("{out}{err}").contains("SECRETKEYMATERIAL") && !err.contains("BEGIN"), "the secret leaked: {err}");
+
+    let fifo = env.path().join("fifo");
+    fs::create_dir_all(&fifo).unwrap();
+    nix::unistd::mkfifo(&fifo.join("reprovm.toml"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let (_, err, code) = text(&reprovm(&env).arg("build").arg(&fifo).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+
+    let huge = env.path().join("huge");
+    fs::create_dir_all(&huge).unwrap();
+    let file = fs::File::create(huge.join("reprovm.toml")).unwrap();
+    file.set_len(1 << 30).unwrap();
+    let (_, err, code) = text(&reprovm(&env).arg("build").arg(&huge).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("over 1 MiB"), "{err}");
+
+    // Named by the user, a link is followed (and a bad file is still only
+    // a parse error of that file).
+    let real = tree(&env, "real", "[build]\ncommand = \"true\"\nartifacts = [\"a\"]\ntimeout_secs = 1\n[oops]\n");
+    let link = env.path().join("chosen.toml");
+    symlink(real.join("reprovm.toml"), &link).unwrap();
+    let (_, err, code) = text(&reprovm(&env).arg("build").arg(&real).arg("--recipe").arg(&link).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("chosen.toml") && err.contains("oops") && !err.contains("symbolic link"), "{err}");
+    assert!(env.leftovers().is_empty());
+}
+
 /// The build leaves a process behind (its own session, immune to the
 /// hang-up) that keeps appending to the artifact while the artifacts are
 /// collected, so that the archive would catch it half-written: every

@@ -212,6 +212,15 @@ pub enum RecipeError {
         #[source]
         source: std::io::Error,
     },
+    /// The file is not one a recipe may be (a link in a source tree, a FIFO,
+    /// a huge file).
+    #[error("refused build recipe {}: {why}", path.display())]
+    Refused {
+        /// The recipe path.
+        path: PathBuf,
+        /// Why.
+        why: &'static str,
+    },
     /// Not valid TOML of the recipe's shape (unknown field, wrong type…).
     #[error("invalid build recipe {}: {message}", path.display())]
     Parse {
@@ -304,8 +313,15 @@ impl BuildRecipe {
 
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<BuildRecipe, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read { path: path.to_path_buf(), source })?;
-        Self::parse(&text, path)
+        Self::parse(&read_recipe(path, true)?, path)
+    }
+
+    /// Loads `src/reprovm.toml`, the recipe a source tree brings: outside
+    /// input, so a symbolic link there (to a host file whose lines a parse
+    /// error would quote) is refused, as is anything but a regular file.
+    pub fn load_from_tree(src: &Path) -> Result<BuildRecipe, RecipeError> {
+        let path = src.join(RECIPE_FILE);
+        Self::parse(&read_recipe(&path, false)?, &path)
     }
 
     /// Parses and validates recipe text; `path` names it in errors.
@@ -378,6 +394,39 @@ impl BuildRecipe {
         }
         Ok(())
     }
+}
+
+/// Largest recipe read (a recipe is a few hundred bytes).
+const MAX_RECIPE_BYTES: u64 = 1 << 20;
+
+/// Reads a recipe file: a regular file of at most [`MAX_RECIPE_BYTES`],
+/// reached through a symbolic link only when `follow_links`. Opened
+/// non-blocking, so that a FIFO cannot stall the open.
+fn read_recipe(path: &Path, follow_links: bool) -> Result<String, RecipeError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_error = |source| RecipeError::Read { path: path.to_path_buf(), source };
+    let refused = |why: &'static str| RecipeError::Refused { path: path.to_path_buf(), why };
+    let flags = libc::O_NONBLOCK | libc::O_NOCTTY | if follow_links { 0 } else { libc::O_NOFOLLOW };
+    let file = match std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) && !follow_links => {
+            return Err(refused("it is a symbolic link, and a source tree's recipe must be a regular file in the tree"))
+        }
+        other => other.map_err(read_error)?,
+    };
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(refused("it is not a regular file"));
+    }
+    if meta.len() > MAX_RECIPE_BYTES {
+        return Err(refused("it is over 1 MiB"));
+    }
+    let mut text = String::new();
+    file.take(MAX_RECIPE_BYTES + 1).read_to_string(&mut text).map_err(read_error)?;
+    if text.len() as u64 > MAX_RECIPE_BYTES {
+        return Err(refused("it is over 1 MiB"));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]

@@ -105,7 +105,11 @@ impl Progress for StageProgress {
 /// Validates the arguments and the recipe into a request.
 fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
     let recipe_file = args.recipe.clone().unwrap_or_else(|| args.src.join(RECIPE_FILE));
-    let mut recipe = BuildRecipe::load(&recipe_file)?;
+    // --recipe is the user's choice; SRC/reprovm.toml comes with the tree.
+    let mut recipe = match &args.recipe {
+        Some(file) => BuildRecipe::load(file)?,
+        None => BuildRecipe::load_from_tree(&args.src)?,
+    };
     if !args.src.is_dir() {
         return Err(Error::Usage(format!("source directory {} does not exist", args.src.display())));
     }
