@@ -97,3 +97,32 @@ fn doctor_says_what_this_host_can_do_and_why_kvm_cannot() {
     assert!(usable || why.len() > 10, "KVM's line says why it is not usable: {kvm}");
     assert!(out.contains("none: run `reprovm image build`"), "an empty store says what to do: {out}");
 }
+
+/// Colour in the logs only on a terminal (a pseudo-terminal from script(1))
+/// and never with NO_COLOR; `--quiet` and `--verbose` exclude each other.
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let env = TestEnv::new();
+    let command = format!("{} -v doctor", shlex::try_quote(env!("CARGO_BIN_EXE_reprovm")).unwrap());
+    let on_terminal = |no_color: Option<&str>| {
+        let mut script = Command::new("script");
+        script.args(["-qec", &command, "/dev/null"]).env("XDG_CACHE_HOME", &env.cache).env("TMPDIR", &env.tmp).env_remove("NO_COLOR");
+        if let Some(value) = no_color {
+            script.env("NO_COLOR", value);
+        }
+        let out = script.stdin(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = on_terminal(None);
+    assert!(coloured.contains("\x1b[") && coloured.contains("DEBUG"), "debug lines in colour on a terminal: {coloured:?}");
+    let plain = on_terminal(Some("1"));
+    assert!(plain.contains("DEBUG") && !plain.contains('\x1b'), "NO_COLOR=1: {plain:?}");
+    // An empty NO_COLOR does not count (https://no-color.org).
+    assert!(on_terminal(Some("")).contains("\x1b["));
+    let (_, err, _) = text(&reprovm(&env).args(["-v", "doctor"]).env_remove("NO_COLOR").output().unwrap());
+    assert!(err.contains("DEBUG") && !err.contains('\x1b'), "piped: {err:?}");
+
+    let (_, err, code) = text(&reprovm(&env).args(["-q", "-v", "doctor"]).output().unwrap());
+    assert_eq!(code, 2, "--quiet with --verbose is a usage error: {err}");
+}
