@@ -216,3 +216,77 @@ fn a_bad_mirror_flag_exits_2_naming_flag_and_value() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--mirror") && err.contains("ftp://nowhere"), "{err}");
 }
+
+/// `image export` writes a zstd transport file (smaller, the same bytes on
+/// every run) that `image import` and `image fetch` take in place of the
+/// bundle, with the bundle's pin. A truncated or corrupted transport file,
+/// or one whose content is another bundle, stores nothing.
+#[test]
+fn transport_files_export_import_and_fetch_with_the_bundles_pin() {
+    let env = TestEnv::new();
+    let bundle = small_bundle(env.path());
+    let pin = hash_file(&bundle).unwrap();
+    let (_, err, code) = text(&reprovm(&env).args(["image", "import"]).arg(&bundle).output().unwrap());
+    assert_eq!(code, 0, "{err}");
+    let zst = env.path().join("tiny.img.zst");
+    let (_, err, code) = text(&reprovm(&env).args(["image", "export", &pin.to_string(), "--out"]).arg(&zst).output().unwrap());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("its pin is still") && err.contains(&pin.to_string()), "{err}");
+    let transport = std::fs::read(&zst).unwrap();
+    assert!(transport.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]), "a zstd frame");
+    assert!(transport.len() * 10 < std::fs::metadata(&bundle).unwrap().len() as usize, "{} bytes", transport.len());
+    // zstd(1) itself reads it back to the bundle: an independent reader.
+    let unpacked = std::process::Command::new("zstd").arg("-dc").arg(&zst).output().unwrap();
+    assert!(unpacked.status.success());
+    assert_eq!(unpacked.stdout, std::fs::read(&bundle).unwrap());
+    let again = env.path().join("again.zst");
+    let (_, err, code) = text(&reprovm(&env).args(["image", "export", &pin.to_string(), "--out"]).arg(&again).output().unwrap());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(&again).unwrap(), transport, "export is deterministic");
+
+    // Into a fresh store, by file and over HTTP.
+    let fresh = TestEnv::new();
+    let (out, err, code) = text(&reprovm(&fresh).args(["image", "import"]).arg(&zst).args(["--sha256", &pin.hex()]).output().unwrap());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), pin.to_string());
+    let fetched = TestEnv::new();
+    let (port, h) = serve_once(transport.clone(), transport.len());
+    let url = format!("http://127.0.0.1:{port}/tiny.img.zst");
+    let (out, err, code) = text(&reprovm(&fetched).args(["image", "fetch", &url, "--sha256", &pin.hex()]).output().unwrap());
+    h.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), pin.to_string());
+    assert_eq!(store_entries(&fetched), [pin.hex()]);
+
+    // Truncated, corrupted, or another bundle under this pin: nothing stored.
+    let bad = TestEnv::new();
+    let cut = bad.path().join("cut.zst");
+    std::fs::write(&cut, &transport[..transport.len() / 2]).unwrap();
+    let (_, err, code) = text(&reprovm(&bad).args(["image", "import"]).arg(&cut).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot read the bundle from") && err.contains("cut.zst"), "{err}");
+    let mut flipped = transport.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x55;
+    let corrupt = bad.path().join("corrupt.zst");
+    std::fs::write(&corrupt, &flipped).unwrap();
+    let (_, err, code) = text(&reprovm(&bad).args(["image", "import"]).arg(&corrupt).args(["--sha256", &pin.hex()]).output().unwrap());
+    assert_ne!(code, 0, "{err}");
+    let other = zstd_of(b"not a bundle at all");
+    let other_file = bad.path().join("other.zst");
+    std::fs::write(&other_file, other).unwrap();
+    let (_, err, code) = text(&reprovm(&bad).args(["image", "import"]).arg(&other_file).args(["--sha256", &pin.hex()]).output().unwrap());
+    assert_eq!(code, 3, "{err}");
+    assert!(store_entries(&bad).is_empty(), "{:?}", store_entries(&bad));
+}
+
+fn zstd_of(bytes: &[u8]) -> Vec<u8> {
+    let mut child = std::process::Command::new("zstd")
+        .args(["-q", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    child.wait_with_output().unwrap().stdout
+}

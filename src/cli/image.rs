@@ -5,6 +5,7 @@ use crate::escape::escape;
 use crate::image::build::{build_image, BuildOptions};
 use crate::image::fetch::fetch_image;
 use crate::image::recipe::{write_default_recipe, DEFAULT_RECIPE_DIR};
+use crate::image::transport::export;
 use crate::image::{Store, StoreError, StoredImage};
 use crate::path_error::path_error;
 use crate::Exit;
@@ -39,6 +40,21 @@ fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
             let expected = sha256.as_deref().map(|v| parse_pin("--sha256", v)).transpose()?;
             let image = store.import(&file, expected)?;
             println!("{}", image.pin);
+        }
+        ImageCommand::Export { pin, out, level } => {
+            let pin = parse_pin("PIN", &pin)?;
+            let spinner = crate::terminal::spinner("compressing the bundle…");
+            let written = export(&store, pin, &out, level);
+            spinner.finish_and_clear();
+            let size = written?;
+            let bundle = store.stored(pin)?.size;
+            crate::terminal::note(format_args!(
+                "{} written: {} ({:.1}% of the bundle's {}); its pin is still {pin}",
+                out.display(),
+                human_size(size),
+                size as f64 * 100.0 / bundle as f64,
+                human_size(bundle)
+            ));
         }
         ImageCommand::Fetch { url, sha256 } => {
             let expected = parse_pin("--sha256", &sha256)?;

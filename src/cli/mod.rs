@@ -168,17 +168,30 @@ pub enum ImageCommand {
         #[arg(long)]
         mirror: Option<String>,
     },
-    /// Add a bundle file to the store.
+    /// Add a bundle file (or its transport file) to the store.
     Import {
-        /// The bundle file.
+        /// The bundle file, or a transport file from `image export`.
         file: PathBuf,
         /// The SHA-256 it must have (refused otherwise).
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
     },
+    /// Write a bundle of the store as a transport file (zstd, about a fifth
+    /// of its size) for others to `image fetch` or `image import`; its pin
+    /// stays the bundle's.
+    Export {
+        /// The pin of the bundle.
+        pin: String,
+        /// The transport file to write (e.g. debian-bookworm-amd64.img.zst).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// zstd level, 1 (fast) to 19 (small).
+        #[arg(long, default_value_t = crate::image::transport::DEFAULT_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+    },
     /// Download a bundle, verify it and add it to the store.
     Fetch {
-        /// http:// or https:// URL of the bundle.
+        /// http:// or https:// URL of the bundle or of its transport file.
         url: String,
         /// The SHA-256 it must have.
         #[arg(long, value_name = "HEX")]

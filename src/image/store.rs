@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use crate::image::bundle::{self, BundleError, BundleLayout};
 use crate::image::pin::{hash_reader, Pin};
+use crate::image::transport;
 use crate::path_error::{path_error, PathError};
 use crate::Exit;
 
@@ -19,6 +20,10 @@ use crate::Exit;
 const BUNDLE_FILE: &str = "bundle.img";
 /// Prefix of in-progress imports (never read as entries).
 const INCOMING_PREFIX: &str = ".incoming-";
+/// The largest bundle an import accepts (the default image is under 1 GiB):
+/// a source that streams, or a transport file that inflates, past it
+/// cannot fill the disk.
+pub const MAX_BUNDLE_BYTES: u64 = 64 << 30;
 
 /// A failure of the image store.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +52,21 @@ pub enum StoreError {
         /// What is wrong with it.
         #[source]
         source: BundleError,
+    },
+    /// The bundle's bytes could not be read (or decompressed) from their source.
+    #[error("cannot read the bundle from {what}")]
+    Read {
+        /// The file path or URL.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The bundle is larger than any builder image may be.
+    #[error("{what} holds more than {} GiB: no builder image is that large (refused, nothing stored)", MAX_BUNDLE_BYTES >> 30)]
+    TooLarge {
+        /// The file path or URL.
+        what: String,
     },
     /// No store entry has this pin.
     #[error("image {pin} is not in the store ({root}); build it with `reprovm image build`, or add it with `reprovm image import` or `reprovm image fetch`")]
@@ -131,11 +151,13 @@ impl Store {
         self.import_reader(reader, &file.display().to_string(), expected, |_| {})
     }
 
-    /// Copies a bundle from `reader` into the store, hashing as it goes.
-    /// With `expected`, bytes that hash otherwise are refused; a malformed
-    /// bundle is refused too. Nothing enters the store unless both checks pass,
-    /// and two processes importing the same bundle at once leave one entry.
-    /// `progress` is told the bytes copied so far.
+    /// Copies a bundle, or its transport file (decompressed on the way,
+    /// see [`crate::image::transport`]), from `reader` into the store,
+    /// hashing the bundle as it goes. With `expected`, bytes that hash
+    /// otherwise are refused; a malformed bundle, or one over
+    /// [`MAX_BUNDLE_BYTES`], is refused too. Nothing enters the store unless
+    /// the checks pass, and two processes importing the same bundle at once
+    /// leave one entry. `progress` is told the bundle bytes copied so far.
     pub fn import_reader(
         &self,
         reader: impl Read,
@@ -156,13 +178,24 @@ impl Store {
         let tmp_bundle = incoming.path().join(BUNDLE_FILE);
         let mut out = File::create(&tmp_bundle).map_err(path_error("create", &tmp_bundle))?;
         let mut copied = 0u64;
-        let (actual, _) = hash_reader(reader, |chunk| {
-            out.write_all(chunk)?;
+        let reader = transport::bundle_reader(reader).map_err(|source| StoreError::Read { what: what.to_string(), source })?;
+        // A read error is the source's (a truncated download, a corrupt
+        // transport file); a write error is this host's.
+        let mut write_failed = false;
+        let hashed = hash_reader(reader.take(MAX_BUNDLE_BYTES + 1), |chunk| {
+            out.write_all(chunk).inspect_err(|_| write_failed = true)?;
             copied += chunk.len() as u64;
             progress(copied);
             Ok(())
-        })
-        .map_err(path_error("copy the bundle into", &tmp_bundle))?;
+        });
+        let (actual, _) = match hashed {
+            Ok(hashed) => hashed,
+            Err(e) if write_failed => return Err(path_error("write", &tmp_bundle)(e).into()),
+            Err(source) => return Err(StoreError::Read { what: what.to_string(), source }),
+        };
+        if copied > MAX_BUNDLE_BYTES {
+            return Err(StoreError::TooLarge { what: what.to_string() });
+        }
         out.sync_all().map_err(path_error("sync", &tmp_bundle))?;
         drop(out);
         if let Some(expected) = expected {
@@ -190,7 +223,7 @@ impl Store {
     }
 
     /// The entry for `pin` as it is on disk, without re-hashing.
-    fn stored(&self, pin: Pin) -> Result<StoredImage, StoreError> {
+    pub fn stored(&self, pin: Pin) -> Result<StoredImage, StoreError> {
         let path = self.entry_dir(&pin).join(BUNDLE_FILE);
         let meta = match fs::metadata(&path) {
             Ok(meta) => meta,
