@@ -346,6 +346,51 @@ fn a_recipe_that_is_a_link_to_a_host_file_leaks_nothing() {
     assert!(env.leftovers().is_empty());
 }
 
+/// The bundle in the store is changed after it was imported (a byte deep
+/// in its root filesystem, so that the builder still boots): the hash,
+/// which runs while QEMU boots, catches it, QEMU is stopped and reprovm
+/// exits 3 before any command reaches the guest — for `run` and `build`.
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn an_image_changed_in_the_store_never_gets_a_command() {
+    let env = TestEnv::new();
+    let (pin, cache) = common::test_image();
+    let hex = pin.trim_start_matches("sha256:");
+    let entry = env.cache.join("reprovm/images").join(hex);
+    fs::create_dir_all(&entry).unwrap();
+    let bundle = entry.join("bundle.img");
+    fs::copy(cache.join("reprovm/images").join(hex).join("bundle.img"), &bundle).unwrap();
+    let mut perms = fs::metadata(&bundle).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    fs::set_permissions(&bundle, perms).unwrap();
+    let mut file = fs::OpenOptions::new().read(true).write(true).open(&bundle).unwrap();
+    let at = file.metadata().unwrap().len() - (2 << 20);
+    let mut byte = [0u8];
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(at)).unwrap();
+    file.read_exact(&mut byte).unwrap();
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(at)).unwrap();
+    std::io::Write::write_all(&mut file, &[byte[0] ^ 0x5a]).unwrap();
+    drop(file);
+    let tampered = |cmd: &mut Command| {
+        cmd.env("XDG_CACHE_HOME", &env.cache).env("TMPDIR", &env.tmp).env("REPROVM_IMAGE", &pin);
+        text(&cmd.output().unwrap())
+    };
+
+    let (out, err, code) = tampered(Command::new(env!("CARGO_BIN_EXE_reprovm")).args(["run", "--accel", "tcg", "--", "echo", "REACHED"]));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("does not match its pin") && err.contains("before anything was sent"), "{err}");
+    assert!(!out.contains("REACHED"), "the command ran: {out}");
+    assert_nothing_left(&env, "run");
+
+    let src = tree(&env, "src", "[build]\ncommand = \"echo REACHED > a\"\nartifacts = [\"a\"]\n");
+    let out_dir = env.path().join("out");
+    let (_, err, code) =
+        tampered(Command::new(env!("CARGO_BIN_EXE_reprovm")).args(["build", "--accel", "tcg"]).arg(&src).arg("--out").arg(&out_dir));
+    assert_eq!(code, 3, "{err}");
+    assert!(!err.contains("REACHED") && !out_dir.join("result.json").exists() && !out_dir.join("a").exists(), "{err}");
+    assert_nothing_left(&env, "build");
+}
+
 /// The build leaves a process behind (its own session, immune to the
 /// hang-up) that keeps appending to the artifact while the artifacts are
 /// collected, so that the archive would catch it half-written: every

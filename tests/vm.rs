@@ -112,7 +112,7 @@ fn forced_kvm_boots_or_fails_clearly_with_exit_4() {
 /// `memory_mib`, keeping per-run files in `env`'s TMPDIR.
 async fn boot_test_machine(env: &TestEnv, cpus: u32, memory_mib: u32) -> Machine {
     let (pin, cache) = test_image();
-    let image = Store::at(cache.join("reprovm/images")).open_verified(pin.parse().unwrap()).unwrap();
+    let (image, check) = Store::at(cache.join("reprovm/images")).open_checking(pin.parse().unwrap()).unwrap();
     let opts = BootOptions {
         spec: MachineSpec { cpu_model: "Nehalem-v1".into(), cpus, memory_mib, clock: 1_700_000_000 },
         accel: AccelChoice::Tcg,
@@ -124,7 +124,7 @@ async fn boot_test_machine(env: &TestEnv, cpus: u32, memory_mib: u32) -> Machine
         egress: None,
         log_limit: 64 << 20,
     };
-    Machine::boot(&image, &opts).await.unwrap()
+    Machine::boot(&image, check, &opts).await.unwrap()
 }
 
 /// One booted builder shared by several checks: QMP against the real QEMU,

@@ -139,7 +139,8 @@ impl BuildError {
             BuildError::Output(_) | BuildError::Io(_) | BuildError::Source(_) | BuildError::ScratchTooSmall { .. } => Exit::Usage,
             BuildError::Store(e) => e.exit(),
             BuildError::Tool(ToolError::Missing { .. } | ToolError::TooOld { .. }) => Exit::Usage,
-            BuildError::Tool(_) | BuildError::Vm(_) | BuildError::Prepare { .. } | BuildError::Collect { .. } => Exit::Vm,
+            BuildError::Vm(e) => e.exit(),
+            BuildError::Tool(_) | BuildError::Prepare { .. } | BuildError::Collect { .. } => Exit::Vm,
             BuildError::Provision { .. }
             | BuildError::Command { .. }
             | BuildError::Timeout { .. }

@@ -105,7 +105,8 @@ pub struct MachineRecord {
 /// Wall-clock seconds per stage.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
-    /// Re-hashing the image against its pin.
+    /// Re-hashing the image against its pin (on its own thread, while the
+    /// source is archived and the builder boots).
     pub image_verify: f64,
     /// Archiving the source and making the scratch disk.
     pub source: f64,

@@ -23,7 +23,7 @@ use crate::guest::provision::{ARCHIVE_ARTIFACTS, COLLECT_ARTIFACTS, PREPARE_BUIL
 use crate::guest::session::BUILD_USER;
 use crate::guest::{GuestError, GuestFacts, GuestSession};
 use crate::host_tools::{make_ext4, Ext4Spec};
-use crate::image::{Pin, Store, VerifiedImage};
+use crate::image::{ImageCheck, OpenImage, Pin, Store};
 use crate::logs::tail_of;
 use crate::logs::{CappedLog, SharedLog};
 use crate::path_error::path_error;
@@ -403,12 +403,11 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
     let total = Instant::now();
     let mut timings = Timings::default();
 
-    progress.begin("verifying the image", false);
-    let start = Instant::now();
+    // The image is hashed on its own thread while the source is archived,
+    // QEMU starts and the kernel boots; the guest gets its first command
+    // only once the hash matched (Machine::boot).
     let (store, pin) = (req.store.clone(), req.image);
-    let image: VerifiedImage = blocking(move || store.open_verified(pin)).await?;
-    timings.image_verify = start.elapsed().as_secs_f64();
-    progress.end(&format!("image {} verified", req.image), start.elapsed());
+    let (image, check) = blocking(move || store.open_checking(pin)).await?;
 
     progress.begin("archiving the source", false);
     let start = Instant::now();
@@ -457,7 +456,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
         egress: egress.as_ref().map(|e| e.relay.clone()),
         log_limit: req.log_limit,
     };
-    let guest = guest_stages(req, &image, &opts, &prepared, output, progress, &mut timings).await;
+    let guest = guest_stages(req, (&image, check), &opts, &prepared, output, progress, &mut timings).await;
     let egress = match egress {
         Some(egress) => Some(egress.finish(req).await?),
         None => None,
@@ -475,7 +474,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
 /// guest said, the egress proxy's account and what came out.
 fn assemble_result(
     req: &BuildRequest,
-    image: &VerifiedImage,
+    image: &OpenImage,
     prepared: Prepared,
     machine: MachineRecord,
     (guest, outputs): (GuestFacts, Vec<Artifact>),
@@ -510,16 +509,25 @@ fn assemble_result(
 /// Boot, build, collect, power off, extract: the stages with the guest.
 async fn guest_stages(
     req: &BuildRequest,
-    image: &VerifiedImage,
+    (image, check): (&OpenImage, ImageCheck),
     opts: &BootOptions,
     prepared: &Prepared,
     output: &OutputDir,
     progress: &dyn Progress,
     timings: &mut Timings,
 ) -> Result<(LaunchedMachine, GuestFacts, Vec<Artifact>), BuildError> {
-    let mut machine = Machine::boot(image, opts).await?;
+    let mut machine = Machine::boot(image, check, opts).await?;
     timings.boot = machine.boot_time.as_secs_f64();
-    progress.end(&format!("builder booted under {}, SSH ready", machine.launched.accelerator.as_str()), machine.boot_time);
+    timings.image_verify = machine.image_check.as_secs_f64();
+    progress.end(
+        &format!(
+            "builder booted under {}, SSH ready; image {} verified meanwhile ({:.1}s)",
+            machine.launched.accelerator.as_str(),
+            image.stored.pin,
+            machine.image_check.as_secs_f64()
+        ),
+        machine.boot_time,
+    );
 
     progress.begin("building", true);
     tracing::info!("building: {}", escape(&req.recipe.build.command));

@@ -329,7 +329,7 @@ impl Error {
             Error::Fetch(e) => e.exit(),
             Error::Corrupt { .. } => Exit::PinMismatch,
             Error::NoImage { .. } | Error::BadCommand => Exit::Usage,
-            Error::Vm(_) => Exit::Vm,
+            Error::Vm(e) => e.exit(),
             Error::BuildRun(e) => e.exit(),
             Error::Egress(e) => e.exit(),
             Error::Recipe(_) | Error::Record(_) | Error::Usage(_) => Exit::Usage,

@@ -3,14 +3,14 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::build::recipe::MachineSection;
 use crate::cli::{parse_pin, Error, MachineArgs};
 use crate::escape::EscapingWriter;
 use crate::guest::session::as_build_user;
 use crate::guest::{GuestError, GuestSession};
-use crate::image::{Pin, Store, VerifiedImage};
+use crate::image::{OpenImage, Pin, Store};
 use crate::logs::tail_of;
 use crate::vm::{AccelChoice, BootOptions, Machine, Network, VmError};
 
@@ -37,16 +37,8 @@ pub fn resolve_image(store: &Store, pin: Option<&str>, name: Option<&str>) -> Re
     }
 }
 
-/// Verifies the image (re-hashing it) on a blocking thread.
-pub async fn verified_image(store: Store, pin: Pin) -> Result<VerifiedImage, Error> {
-    let start = Instant::now();
-    let image = tokio::task::spawn_blocking(move || store.open_verified(pin)).await.expect("hash thread panicked")?;
-    tracing::info!("image {pin} verified in {:.2}s", start.elapsed().as_secs_f64());
-    Ok(image)
-}
-
 /// Boot options from the machine flags, the clock defaulting to the image's date.
-pub fn boot_options(args: &MachineArgs, image: &VerifiedImage) -> BootOptions {
+pub fn boot_options(args: &MachineArgs, image: &OpenImage) -> BootOptions {
     BootOptions {
         spec: MachineSection { cpu_model: args.cpu_model.clone(), cpus: args.cpus, memory_mib: args.memory, ..MachineSection::default() }
             .spec(args.clock.unwrap_or(image.stored.layout.metadata.source_date_epoch)),
@@ -64,8 +56,10 @@ pub fn boot_options(args: &MachineArgs, image: &VerifiedImage) -> BootOptions {
 async fn boot(args: &MachineArgs) -> Result<Machine, Error> {
     let store = Store::from_env()?;
     let pin = resolve_image(&store, args.image.as_deref(), None)?;
-    let image = verified_image(store, pin).await?;
-    Ok(Machine::boot(&image, &boot_options(args, &image)).await?)
+    // The hash runs while QEMU starts and the kernel boots (Machine::boot
+    // waits for it before the first command).
+    let (image, check) = tokio::task::spawn_blocking(move || store.open_checking(pin)).await.expect("open thread panicked")?;
+    Ok(Machine::boot(&image, check, &boot_options(args, &image)).await?)
 }
 
 /// Runs `work` with the machine's SSH session on a blocking thread (ssh2

@@ -12,4 +12,4 @@ pub mod store;
 pub mod transport;
 
 pub use pin::Pin;
-pub use store::{Store, StoreError, StoredImage, VerifiedImage};
+pub use store::{ImageCheck, OpenImage, Store, StoreError, StoredImage};

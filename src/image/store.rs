@@ -103,16 +103,41 @@ pub struct StoredImage {
     pub layout: BundleLayout,
 }
 
-/// A bundle proven to match its pin, with the open file that was hashed:
-/// everything booted from it (the kernel, the initrd, the root filesystem
-/// QEMU reads through `/dev/fdset`) comes from these very bytes, not from
-/// a path that could have been swapped after the check.
+/// A bundle opened once for booting, with the descriptor its hash is
+/// computed over: everything booted from it (the kernel, the initrd, the
+/// root filesystem QEMU reads through `/dev/fdset`) comes from these very
+/// bytes, not from a path that could have been swapped after the check.
+/// From [`Store::open_verified`] it is proven; from [`Store::open_checking`]
+/// it is proven once its [`ImageCheck`] passed.
 #[derive(Clone, Debug)]
-pub struct VerifiedImage {
+pub struct OpenImage {
     /// The store entry.
     pub stored: StoredImage,
     /// The bundle, opened read-only, as hashed.
     pub file: Arc<File>,
+}
+
+/// The hash of an [`OpenImage`] being computed on its own thread (through
+/// positional reads of the same descriptor) while the caller goes on: QEMU
+/// starts and the kernel boots meanwhile, and nothing may reach the guest
+/// before [`ImageCheck::wait`] returned `Ok`.
+#[derive(Debug)]
+pub struct ImageCheck {
+    pin: Pin,
+    path: PathBuf,
+    thread: std::thread::JoinHandle<io::Result<(Pin, std::time::Duration)>>,
+}
+
+impl ImageCheck {
+    /// Waits for the hash: `Ok` with the time it took when the bytes match
+    /// the pin, the mismatch (exit 3) otherwise.
+    pub fn wait(self) -> Result<std::time::Duration, StoreError> {
+        let (actual, took) = self.thread.join().expect("the hash thread panicked").map_err(path_error("hash", &self.path))?;
+        if actual != self.pin {
+            return Err(StoreError::PinMismatch { what: self.path.display().to_string(), expected: self.pin, actual });
+        }
+        Ok(took)
+    }
 }
 
 /// The image store rooted at one directory.
@@ -258,20 +283,53 @@ impl Store {
     /// descriptor and proves they match the pin. This is the one gate every
     /// boot passes: nothing is booted that fails it, and what is booted is
     /// read through the descriptor that was hashed.
-    pub fn open_verified(&self, pin: Pin) -> Result<VerifiedImage, StoreError> {
+    pub fn open_verified(&self, pin: Pin) -> Result<OpenImage, StoreError> {
+        let (image, check) = self.open_checking(pin)?;
+        check.wait()?;
+        Ok(image)
+    }
+
+    /// Opens the entry for `pin` once and starts re-hashing it through that
+    /// descriptor on its own thread; the caller may start QEMU from the
+    /// image meanwhile, and sends nothing to the guest before the check
+    /// passed (see `vm::Machine::boot`). The bundle's table of contents is
+    /// read first (a malformed bundle is refused at once).
+    pub fn open_checking(&self, pin: Pin) -> Result<(OpenImage, ImageCheck), StoreError> {
         let path = self.entry_dir(&pin).join(BUNDLE_FILE);
         let file = match File::open(&path) {
-            Ok(file) => file,
+            Ok(file) => Arc::new(file),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound { pin, root: self.root.clone() }),
             Err(e) => return Err(path_error("open", &path)(e).into()),
         };
-        let (actual, size) = hash_reader(&file, |_| Ok(())).map_err(path_error("hash", &path))?;
-        if actual != pin {
-            return Err(StoreError::PinMismatch { what: path.display().to_string(), expected: pin, actual });
-        }
         let layout = bundle::layout_of(&file).map_err(|source| StoreError::Bundle { path: path.clone(), source })?;
-        let added = file.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
-        Ok(VerifiedImage { stored: StoredImage { pin, path, size, added, layout }, file: Arc::new(file) })
+        let metadata = file.metadata().map_err(path_error("stat", &path))?;
+        let added = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        let hashed = Arc::clone(&file);
+        let thread = std::thread::Builder::new()
+            .name("image-hash".into())
+            .spawn(move || {
+                let start = std::time::Instant::now();
+                let (actual, _) = hash_reader(PositionalReader { file: &hashed, offset: 0 }, |_| Ok(()))?;
+                Ok((actual, start.elapsed()))
+            })
+            .map_err(path_error("start hashing", &path))?;
+        let image = OpenImage { stored: StoredImage { pin, path: path.clone(), size: metadata.len(), added, layout }, file };
+        Ok((image, ImageCheck { pin, path, thread }))
+    }
+}
+
+/// Reads a file from `offset` on with `pread`, leaving the descriptor's
+/// own offset (shared with whoever copies the kernel out) alone.
+struct PositionalReader<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl Read for PositionalReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
     }
 }
 

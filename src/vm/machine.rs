@@ -20,13 +20,14 @@ use tempfile::TempDir;
 use crate::deadline::{Deadline, Timeout};
 use crate::guest::{FactsError, GuestError, GuestFacts, GuestSession, RunKeys};
 use crate::image::bundle;
-use crate::image::VerifiedImage;
+use crate::image::{ImageCheck, OpenImage, StoreError};
 use crate::logs::{section, tail_of, CappedLog};
 use crate::path_error::{path_error, PathError};
 use crate::process::Supervised;
 use crate::vm::accel::{candidates, probe_kvm, AccelChoice};
 use crate::vm::args::{cpu_option, qemu_args, Accelerator, EgressRelay, ExtraDisk, LaunchPlan, MachineSpec, Network, MACHINE_TYPE};
 use crate::vm::qmp::{GuestEvent, Qmp, QmpError};
+use crate::Exit;
 
 /// What the guest's init prints on the serial console once userspace runs.
 const INIT_MARKER: &str = "reprovm-init: started";
@@ -168,6 +169,21 @@ pub enum VmError {
     /// Key generation failed.
     #[error(transparent)]
     Keys(#[from] crate::guest::keys::KeyError),
+    /// The image, hashed while the builder booted, does not match its pin
+    /// (or could not be read).
+    #[error("{0}; the builder was stopped before anything was sent to it")]
+    Image(Box<StoreError>),
+}
+
+impl VmError {
+    /// The process exit code for this error: the image's (3 for a
+    /// mismatch), else 4.
+    pub fn exit(&self) -> Exit {
+        match self {
+            VmError::Image(e) => e.exit(),
+            _ => Exit::Vm,
+        }
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (QEMU binds it right after; a lost race
@@ -191,6 +207,8 @@ pub struct Machine {
     pub guest_clock: i64,
     /// How long the boot took, up to the authenticated session.
     pub boot_time: Duration,
+    /// How long the image's hash took (on its own thread, during the boot).
+    pub image_check: Duration,
     serial: SerialCapture,
     // Declared last: removed after QEMU is gone.
     run_dir: TempDir,
@@ -241,7 +259,7 @@ struct RunFiles {
     serial_log: PathBuf,
 }
 
-fn prepare(image: &VerifiedImage, opts: &BootOptions, accel: Accelerator, sandbox: bool, dir: &Path) -> Result<RunFiles, VmError> {
+fn prepare(image: &OpenImage, opts: &BootOptions, accel: Accelerator, sandbox: bool, dir: &Path) -> Result<RunFiles, VmError> {
     let layout = &image.stored.layout;
     let kernel = dir.join("vmlinux");
     let initrd = dir.join("initrd.img");
@@ -304,9 +322,11 @@ struct Started {
 }
 
 impl Machine {
-    /// Boots the builder from `image` (which the caller got from
-    /// [`crate::image::Store::open_verified`]) and waits for SSH.
-    pub async fn boot(image: &VerifiedImage, opts: &BootOptions) -> Result<Machine, VmError> {
+    /// Boots the builder from `image` (from
+    /// [`crate::image::Store::open_checking`]) while `check` hashes it,
+    /// and waits for SSH. The first command reaches the guest only after
+    /// the check passed; a mismatch stops QEMU and fails with exit 3.
+    pub async fn boot(image: &OpenImage, check: ImageCheck, opts: &BootOptions) -> Result<Machine, VmError> {
         let boot_start = Instant::now();
         let tmp = &opts.runtime_dir;
         let run_dir = tempfile::Builder::new()
@@ -358,6 +378,13 @@ impl Machine {
         let serial_log = files.serial_log.clone();
         let session = wait_for_ssh(&mut qemu, &mut qmp, files.plan.ssh_port, files.keys, &serial_log, &files.qemu_log, deadline).await?;
         let boot_time = boot_start.elapsed();
+        // Nothing reaches the guest from an image not proven to be its pin
+        // (dropping `qemu` on the error kills its process group).
+        let image_check = tokio::task::spawn_blocking(move || check.wait())
+            .await
+            .expect("hash thread panicked")
+            .map_err(|e| VmError::Image(Box::new(e)))?;
+        tracing::info!("image {} verified in {:.2}s, while the builder booted", image.stored.pin, image_check.as_secs_f64());
         let (session, facts) = tokio::task::spawn_blocking(move || GuestFacts::collect(&session).map(|f| (session, f)))
             .await
             .expect("facts thread panicked")?;
@@ -379,7 +406,20 @@ impl Machine {
             files.plan.ssh_port
         );
         let ssh_port = files.plan.ssh_port;
-        Ok(Machine { qemu, qmp, session: Some(session), ssh_port, serial_log, launched, facts, guest_clock, boot_time, serial, run_dir })
+        Ok(Machine {
+            qemu,
+            qmp,
+            session: Some(session),
+            ssh_port,
+            serial_log,
+            launched,
+            facts,
+            guest_clock,
+            boot_time,
+            image_check,
+            serial,
+            run_dir,
+        })
     }
 
     /// The per-run directory (overlay, sockets, logs).
