@@ -41,10 +41,13 @@ pub fn install() -> std::io::Result<()> {
                 _ = int.recv() => libc::SIGINT,
                 _ = term.recv() => libc::SIGTERM,
             };
-            if SIGNAL.swap(signal, Ordering::SeqCst) == 0 {
+            let first = SIGNAL.swap(signal, Ordering::SeqCst) == 0;
+            // Waiters first: nothing that logging does (stderr may be gone)
+            // may keep the stages from hearing of the signal.
+            notify().notify_waiters();
+            if first {
                 tracing::warn!("{}: stopping and cleaning up", signal_name(signal));
             }
-            notify().notify_waiters();
         }
     });
     Ok(())

@@ -2,7 +2,7 @@
 //! bars, drawn only when stderr is a terminal and never with `--quiet`, and
 //! colour only on a terminal without `NO_COLOR` (https://no-color.org).
 
-use std::io::IsTerminal;
+use std::io::{self, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -58,6 +58,34 @@ pub fn bytes_bar(message: &str, total: Option<u64>) -> ProgressBar {
 /// output went), unless `--quiet`.
 pub fn note(line: std::fmt::Arguments) {
     if !quiet() {
-        eprintln!("{line}");
+        say(line);
     }
+}
+
+/// Prints a line on stderr whatever became of it: `eprintln!` panics when
+/// stderr is gone (a closed pipe, a CI log reader that died), and reprovm
+/// must still stop QEMU and clean up then.
+pub fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(io::stderr().lock(), "{line}");
+}
+
+/// Standard error for the logs: a write that fails (stderr gone) counts as
+/// done, so that the logger never reports — by panicking — that it could
+/// not log.
+pub struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _ = io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Like [`say`], without adding a newline.
+pub fn say_raw(text: std::fmt::Arguments) {
+    let _ = write!(io::stderr().lock(), "{text}");
 }

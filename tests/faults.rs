@@ -190,13 +190,15 @@ fn faults_end_with_the_right_code_a_message_and_nothing_left() {
     let big_src = tree(&env, "big-source", "", "[build]\ncommand = \"true\"\nartifacts = [\"x\"]\n");
     fs::File::create(big_src.join("zeros.bin")).unwrap().set_len(1 << 30).unwrap();
     let (mut child, rx) = spawn_build(&env, &big_src, &out);
-    wait_for_line(&rx, "verified", Duration::from_secs(300));
-    std::thread::sleep(Duration::from_millis(300));
+    // The source is archived first thing (the image is hashed meanwhile,
+    // on its own thread), and for about two seconds: half a second in.
+    std::thread::sleep(Duration::from_millis(500));
     signal(&child, SIGINT);
     let status = child.wait().unwrap();
     let err = rest(&rx);
     assert_eq!(status.code(), Some(130), "source upload: {err}");
     assert!(!err.contains("source archived"), "the signal came too late to test the source stage: {err}");
+    assert!(!err.contains("builder booted"), "{err}");
     assert_nothing_left(&env, "source upload");
     assert!(stray_outputs(&out).is_empty());
     faults += 1;

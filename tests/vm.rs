@@ -79,13 +79,51 @@ fn sigint_during_a_command_exits_130_and_leaves_nothing() {
     assert_nothing_left(&env, "");
 }
 
+/// Whoever read reprovm's stderr is gone (a CI log reader that died, a
+/// closed pipe) when SIGTERM comes: reprovm still stops QEMU, cleans up and
+/// exits 130 (logging to the dead pipe once made the signal task panic,
+/// and reprovm waited forever with QEMU running).
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn sigterm_with_stderr_gone_still_cleans_up() {
+    use std::io::BufRead;
+    let env = TestEnv::new();
+    let mut child = reprovm_vm(&env.tmp)
+        .args(["run", "--accel", "tcg", "--", "sleep", "600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("builder ready") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "reprovm ended before the builder was ready");
+    }
+    drop(stderr);
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("reprovm did not stop within 30 s of SIGTERM with its stderr gone");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert_nothing_left(&env, "");
+}
+
 #[test]
 #[ignore = "boots a VM: run through scripts/test"]
 fn sigterm_during_boot_exits_130_and_leaves_nothing() {
     let env = TestEnv::new();
-    let (mut child, rx) = spawn_run(&env, &["true"]);
-    // The image is verified, then QEMU starts: interrupt while it boots.
-    wait_for_line(&rx, "verified", Duration::from_secs(120));
+    let (mut child, rx) = spawn_with_stderr_lines(reprovm_vm(&env.tmp).args(["-v", "run", "--accel", "tcg", "--", "true"]));
+    // QEMU starts (the image is hashed meanwhile): interrupt while it boots.
+    wait_for_line(&rx, "spawning QEMU", Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(1500));
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     let status = child.wait().unwrap();

@@ -232,7 +232,9 @@ impl Write for Tee {
             let _ = stderr.write_all(&buf[..kept]);
             if kept < buf.len() && !capped_before {
                 let _ = stderr.flush();
-                eprintln!("\n[reprovm: the build's output passed --log-limit; the rest is not shown, and build.log keeps its last MiB]");
+                crate::terminal::say(format_args!(
+                    "\n[reprovm: the build's output passed --log-limit; the rest is not shown, and build.log keeps its last MiB]"
+                ));
             }
         }
         Ok(buf.len())

@@ -122,7 +122,7 @@ pub fn verify(args: AgreementArgs, expect: Option<PathBuf>, sign: Option<PathBuf
     if expected.is_none() {
         crate::terminal::note(format_args!("(no --expect: each artifact's reference is the hash most trusted rebuilders attest)"));
     }
-    eprintln!("{}", report.outcome());
+    crate::terminal::say(format_args!("{}", report.outcome()));
     if let Some(vsa) = args.vsa {
         let keys_sha256 = crate::image::pin::hash_file(&keys_file).map_err(path_error("hash", &keys_file))?.hex();
         let resource = args.resource_uri.unwrap_or_else(|| match &expect {

@@ -225,17 +225,17 @@ fn diffoscope_reports(rows: &[crate::build::compare::Row], expected_dir: &Path, 
         return;
     }
     if Command::new("diffoscope").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
-        eprintln!("(install diffoscope to see what differs inside each artifact)");
+        terminal::say(format_args!("(install diffoscope to see what differs inside each artifact)"));
         return;
     }
     for path in differing {
         let expected = expected_dir.join(path);
         if !expected.is_file() {
-            eprintln!(
+            terminal::say(format_args!(
                 "no diffoscope report for {}: the expected copy {} is not there",
                 escape(path),
                 escape(&expected.display().to_string())
-            );
+            ));
             continue;
         }
         let report = out.join("diffoscope").join(format!("{path}.txt"));
@@ -244,8 +244,8 @@ fn diffoscope_reports(rows: &[crate::build::compare::Row], expected_dir: &Path, 
         }
         let status = Command::new("diffoscope").arg("--text").arg(&report).arg(&expected).arg(out.join(path)).stdin(Stdio::null()).status();
         match status {
-            Ok(_) => eprintln!("diffoscope report for {}: {}", escape(path), report.display()),
-            Err(e) => eprintln!("diffoscope failed on {}: {e}", escape(path)),
+            Ok(_) => terminal::say(format_args!("diffoscope report for {}: {}", escape(path), report.display())),
+            Err(e) => terminal::say(format_args!("diffoscope failed on {}: {e}", escape(path))),
         }
     }
 }
@@ -284,8 +284,8 @@ pub async fn verify(args: BuildArgs, expect: PathBuf, diffoscope: bool) -> Resul
         return Ok(Exit::Ok.code());
     }
     let bad = rows.iter().filter(|r| r.status != Status::Identical).count();
-    eprintln!("{bad} of {} artifacts do not match {}", rows.len(), expect.display());
-    eprint!("{}", render_inputs(&differing_inputs(&[&expected, &actual]), &["expected".into(), "rebuilt".into()]));
+    terminal::say(format_args!("{bad} of {} artifacts do not match {}", rows.len(), expect.display()));
+    terminal::say_raw(format_args!("{}", render_inputs(&differing_inputs(&[&expected, &actual]), &["expected".into(), "rebuilt".into()])));
     if diffoscope {
         diffoscope_reports(&rows, expect.parent().unwrap_or(Path::new(".")), &out);
     } else {
@@ -329,13 +329,13 @@ pub fn compare(files: Vec<PathBuf>, json: bool) -> Result<u8, Error> {
     if all_identical(&rows) {
         terminal::note(format_args!("all {} artifacts are identical in the {} records", rows.len(), records.len()));
         if !inputs.is_empty() {
-            eprint!("(the same bytes from different inputs)\n{inputs}");
+            terminal::say_raw(format_args!("(the same bytes from different inputs)\n{inputs}"));
         }
         return Ok(Exit::Ok.code());
     }
     print!("{inputs}");
     if refs.iter().filter(|r| r.result.is_some()).count() < 2 {
-        eprintln!("(give result.json files to see which recorded inputs differ)");
+        terminal::say(format_args!("(give result.json files to see which recorded inputs differ)"));
     }
     Ok(Exit::Differ.code())
 }

@@ -356,7 +356,7 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         .with_env_filter(filter)
         // Logs piped to a file stay plain text.
         .with_ansi(crate::terminal::colour())
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::terminal::LossyStderr)
         .with_target(false)
         .without_time()
         .init();
@@ -371,14 +371,14 @@ pub fn report(err: &(dyn std::error::Error + 'static)) {
         text.push_str(&format!("\n  caused by: {cause}"));
         source = cause.source();
     }
-    eprintln!("{}", crate::escape::escape(&text));
+    crate::terminal::say(format_args!("{}", crate::escape::escape(&text)));
 }
 
 /// Runs the command and returns the process exit code. A signal cancels the
 /// command: dropping its future stops QEMU and removes every per-run file.
 pub async fn run(args: Args) -> u8 {
     if let Err(e) = interrupt::install() {
-        eprintln!("error: cannot install signal handlers: {e}");
+        crate::terminal::say(format_args!("error: cannot install signal handlers: {e}"));
         return Exit::Usage.code();
     }
     let command = async {
@@ -424,7 +424,7 @@ fn downloads(cmd: DownloadsCommand) -> Result<u8, Error> {
             let record = crate::build::Record::load(&result)?;
             let result = record.result.ok_or_else(|| Error::Usage(format!("{}: a result.json is needed", result.display())))?;
             crate::egress::export(&cache, &result.inputs.downloads, &out)?;
-            eprintln!("{} downloads written to {}", result.inputs.downloads.len(), out.display());
+            crate::terminal::say(format_args!("{} downloads written to {}", result.inputs.downloads.len(), out.display()));
         }
         DownloadsCommand::Import { file } => {
             let downloads = crate::egress::import(&cache, &file)?;
