@@ -93,8 +93,7 @@ impl GuestFacts {
         let first = cpuinfo.split("\n\n").next().unwrap_or_default();
         let value = |key: &str| field(first, key).map(|v| v.strip_prefix(' ').unwrap_or(v).to_string()).ok_or_else(bad);
         let memory = field(meminfo, "MemTotal").and_then(|v| v.split_whitespace().next()).and_then(|n| n.parse().ok()).ok_or_else(bad)?;
-        let kept: String =
-            cpuinfo.split_inclusive('\n').filter(|l| !l.starts_with("cpu MHz") && !l.starts_with("bogomips")).collect();
+        let kept: String = cpuinfo.split_inclusive('\n').filter(|l| !l.starts_with("cpu MHz") && !l.starts_with("bogomips")).collect();
         let facts = GuestFacts {
             uname: uname.to_string(),
             nproc: nproc.trim().parse().map_err(|_| bad())?,
