@@ -21,11 +21,12 @@ fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
         ImageCommand::Build { recipe_dir, out, mirror } => {
             // Without a directory: the built-in default recipe, written out
             // as it lies in reprovm's source.
-            let built_in = tempfile::tempdir().map_err(path_error("create a directory in", &std::env::temp_dir()))?;
+            let built_in;
             let recipe_dir = match recipe_dir {
                 Some(dir) => dir,
                 None => {
                     tracing::info!("building the default image recipe built into reprovm ({DEFAULT_RECIPE_DIR} of its source)");
+                    built_in = tempfile::tempdir().map_err(path_error("create a directory in", &std::env::temp_dir()))?;
                     write_default_recipe(built_in.path())?
                 }
             };
@@ -46,8 +47,7 @@ fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
             let spinner = crate::terminal::spinner("compressing the bundle…");
             let written = export(&store, pin, &out, level);
             spinner.finish_and_clear();
-            let size = written?;
-            let bundle = store.stored(pin)?.size;
+            let (size, bundle) = written?;
             crate::terminal::note(format_args!(
                 "{} written: {} ({:.1}% of the bundle's {}); its pin is still {pin}",
                 out.display(),

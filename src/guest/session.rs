@@ -15,6 +15,23 @@ use crate::guest::keys::RunKeys;
 
 /// The user sessions log in as; commands are then run as [`BUILD_USER`].
 const LOGIN_USER: &str = "root";
+/// The most a captured stream keeps (reports and facts are kilobytes).
+pub const CAPTURE_LIMIT: usize = 16 << 20;
+
+/// A captured stream: its first [`CAPTURE_LIMIT`] bytes, the rest dropped.
+#[derive(Default)]
+struct Capture(Vec<u8>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = CAPTURE_LIMIT.saturating_sub(self.0.len());
+        self.0.extend_from_slice(&buf[..buf.len().min(room)]);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 /// The unprivileged user commands run as.
 pub const BUILD_USER: &str = "builder";
 
@@ -138,14 +155,16 @@ impl GuestSession {
     }
 
     /// [`GuestSession::exec_capture`] with the deadline of [`GuestSession::exec_until`].
+    /// Each stream keeps its first [`CAPTURE_LIMIT`] bytes: what the guest
+    /// prints costs the host bounded memory.
     pub fn exec_capture_until(
         &self,
         command: &str,
         deadline: Option<(Deadline, &'static str)>,
     ) -> Result<(i32, String, String), GuestError> {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (mut out, mut err) = (Capture::default(), Capture::default());
         let status = self.exec_until(command, deadline, &mut out, &mut err)?;
-        Ok((status, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
+        Ok((status, String::from_utf8_lossy(&out.0).into_owned(), String::from_utf8_lossy(&err.0).into_owned()))
     }
 
     /// An interactive login shell as the build user on a PTY of `size`
@@ -236,6 +255,19 @@ fn write_all_nonblocking(channel: &mut ssh2::Channel, mut data: &[u8]) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A guest answering a captured command with a gigabyte costs the host
+    /// CAPTURE_LIMIT bytes, and the writer never fails (the channel is read
+    /// to its end).
+    #[test]
+    fn a_gigabyte_into_a_capture_keeps_its_limit() {
+        let mut capture = Capture::default();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..1024 {
+            assert_eq!(capture.write(&chunk).unwrap(), chunk.len());
+        }
+        assert_eq!(capture.0.len(), CAPTURE_LIMIT);
+    }
 
     #[test]
     fn build_user_wrapper_quotes_the_command() {

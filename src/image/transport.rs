@@ -37,44 +37,36 @@ pub fn bundle_reader<'a>(reader: impl Read + 'a) -> io::Result<Box<dyn Read + 'a
 }
 
 /// Writes the transport file of the store's bundle `pin` to `out` (replaced
-/// only once complete) and returns its size. The bundle is hashed as it is
-/// compressed: a store entry that does not match its pin leaves no file.
-pub fn export(store: &Store, pin: Pin, out: &Path, level: i32) -> Result<u64, StoreError> {
+/// only once complete) and returns its size and the bundle's. The bundle is
+/// hashed as it is compressed: a store entry that does not match its pin
+/// leaves no file.
+pub fn export(store: &Store, pin: Pin, out: &Path, level: i32) -> Result<(u64, u64), StoreError> {
     let stored = store.stored(pin)?;
     let source = File::open(&stored.path).map_err(path_error("open", &stored.path))?;
     let out_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let partial =
         tempfile::Builder::new().prefix(".reprovm-export-").tempfile_in(out_dir).map_err(path_error("create a file in", out_dir))?;
-    let mut mismatch = None;
-    compress(source, partial.as_file(), stored.size, level, |actual| {
-        if actual != pin {
-            mismatch = Some(actual);
-        }
-        mismatch.is_none()
-    })
-    .map_err(path_error("write", out))?;
-    if let Some(actual) = mismatch {
+    let actual = compress(source, partial.as_file(), stored.size, level).map_err(path_error("write", out))?;
+    if actual != pin {
+        // Dropping `partial` removes the file.
         return Err(StoreError::PinMismatch { what: stored.path.display().to_string(), expected: pin, actual });
     }
     fs::set_permissions(partial.path(), fs::Permissions::from_mode(0o644)).map_err(path_error("set permissions of", partial.path()))?;
     let file = partial.persist(out).map_err(|e| path_error("write", out)(e.error))?;
-    Ok(file.metadata().map_err(path_error("stat", out))?.len())
+    Ok((file.metadata().map_err(path_error("stat", out))?.len(), stored.size))
 }
 
-/// Compresses `size` bytes of `source` into `out` as one frame; before the
-/// frame is finished, `accept` is given the source's SHA-256 and may refuse
-/// it (the file is then left unfinished, and thrown away by the caller).
-fn compress(source: impl Read, out: &File, size: u64, level: i32, accept: impl FnOnce(Pin) -> bool) -> io::Result<()> {
+/// Compresses `size` bytes of `source` into `out` as one frame and returns
+/// the SHA-256 of what it read.
+fn compress(source: impl Read, out: &File, size: u64, level: i32) -> io::Result<Pin> {
     let mut encoder = zstd::Encoder::new(io::BufWriter::with_capacity(4 << 20, out), level)?;
     encoder.multithread(WORKERS)?;
     encoder.include_checksum(true)?;
     encoder.include_contentsize(true)?;
     encoder.set_pledged_src_size(Some(size))?;
     let (actual, _) = hash_reader(source, |chunk| encoder.write_all(chunk))?;
-    if accept(actual) {
-        encoder.finish()?.flush()?;
-    }
-    Ok(())
+    encoder.finish()?.flush()?;
+    Ok(actual)
 }
 
 #[cfg(test)]
