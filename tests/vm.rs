@@ -146,6 +146,35 @@ fn forced_kvm_boots_or_fails_clearly_with_exit_4() {
     assert_nothing_left(&env, "");
 }
 
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn a_tcg_boot_whose_console_stops_is_started_once_more() {
+    let env = TestEnv::new();
+    // The first QEMU starts with its vCPUs stopped (-S): a guest whose
+    // console never moves, as in the rare early-boot stall under TCG.
+    let qemu = env.path().join("qemu-stalls-once");
+    std::fs::write(
+        &qemu,
+        "#!/bin/sh\nif mkdir \"$0.started\" 2>/dev/null; then exec qemu-system-x86_64 \"$@\" -S; fi\nexec qemu-system-x86_64 \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let start = Instant::now();
+    let (out, err, code) = text(
+        &reprovm_vm(&env.tmp)
+            .arg("run")
+            .args(["--accel", "tcg", "--boot-timeout", "120", "--qemu"])
+            .arg(&qemu)
+            .args(["--", "echo", "up"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!((code, out.trim()), (0, "up"), "{err}");
+    assert!(err.contains("hung early in its boot under TCG") && err.contains("starting it once more"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(90), "the stall is noticed after 20 s of silence, not at the boot's limit");
+    assert_nothing_left(&env, "");
+}
+
 /// Boots the test image through the library under TCG with `cpus` and
 /// `memory_mib`, keeping per-run files in `env`'s TMPDIR.
 async fn boot_test_machine(env: &TestEnv, cpus: u32, memory_mib: u32) -> Machine {

@@ -34,9 +34,9 @@ const INIT_MARKER: &str = "reprovm-init: started";
 /// What it prints once the network is up and the keys are in place: SSH
 /// attempts before that would sit in user-mode networking's SYN retries.
 const NETWORK_MARKER: &str = "reprovm-init: keys installed";
-/// The least time a KVM guest's console may stay silent before init before
-/// KVM is declared hung (see [`kvm_silence_limit`]).
-const KVM_SILENCE: Duration = Duration::from_secs(20);
+/// The least time a guest's console may stay silent before init before the
+/// boot is declared hung (see [`silence_limit`]).
+const MIN_SILENCE: Duration = Duration::from_secs(20);
 /// How long one attempt to connect to QMP waits (attempts repeat until the
 /// boot's limit, unless QEMU exits).
 const QMP_ATTEMPT: Duration = Duration::from_secs(2);
@@ -136,6 +136,20 @@ pub enum VmError {
         /// What timed out.
         #[source]
         source: Timeout,
+    },
+    /// The console stopped moving before the guest's init ran.
+    #[error(
+        "the builder hung under {accel}: its console was silent for {:.0}s before its init ran{}",
+        silent.as_secs_f64(),
+        section("serial console (last lines)", serial_tail)
+    )]
+    Hung {
+        /// Accelerator used.
+        accel: &'static str,
+        /// How long the console had been silent.
+        silent: Duration,
+        /// End of the serial console.
+        serial_tail: String,
     },
     /// The guest kernel panicked.
     #[error("the guest kernel panicked{}", section("serial console (last lines)", serial_tail))]
@@ -337,29 +351,23 @@ impl Machine {
         let kvm_probe = if opts.accel == AccelChoice::Tcg { Err("not asked for".into()) } else { probe_kvm(Path::new("/dev/kvm")) };
         let accels = candidates(opts.accel, kvm_probe).map_err(VmError::KvmUnusable)?;
         let deadline = Deadline::after(opts.boot_timeout);
-        let mut attempt = 0;
+        let mut tries = Tries { sandbox: true, other_ports: 0, hung_restarts: 0 };
         let mut accel_index = 0;
-        let mut sandbox = true;
         let (files, started) = loop {
             let accel = accels[accel_index];
-            let files = prepare(image, opts, accel, sandbox, run_dir.path())?;
-            match start_qemu(&files, opts, deadline).await {
+            let files = prepare(image, opts, accel, tries.sandbox, run_dir.path())?;
+            let e = match start_qemu(&files, opts, deadline).await {
                 Ok(started) => break (files, started),
-                // A QEMU built without seccomp cannot confine itself.
-                Err(VmError::QemuExited { ref qemu_log, .. }) if sandbox && qemu_log.contains("seccomp") => {
+                Err(e) => e,
+            };
+            match relaunch(&e, accel, &tries) {
+                Some(Relaunch::Unconfined) => {
                     tracing::warn!("{} has no seccomp sandbox: running it unconfined", opts.qemu.display());
-                    sandbox = false;
+                    tries.sandbox = false;
                 }
-                // Port taken between our probe and QEMU's bind: try another.
-                Err(VmError::QemuExited { ref qemu_log, .. }) if qemu_log.contains("host forwarding") && attempt < 3 => {
-                    attempt += 1;
-                }
-                // A /dev/kvm that opens but cannot run the pinned machine:
-                // QEMU refuses the CPU model, or the guest hangs (watchdog).
-                Err(e @ (VmError::BootTimeout { .. } | VmError::QemuExited { .. })) if accel == Accelerator::Kvm => {
-                    if accel_index + 1 == accels.len() {
-                        return Err(VmError::KvmFailed(Box::new(e)));
-                    }
+                Some(Relaunch::AnotherPort) => tries.other_ports += 1,
+                Some(Relaunch::NextAccelerator) if accel_index + 1 == accels.len() => return Err(VmError::KvmFailed(Box::new(e))),
+                Some(Relaunch::NextAccelerator) => {
                     tracing::debug!("the builder under KVM: {}", crate::escape::escape(&e.to_string()));
                     tracing::warn!(
                         "KVM cannot run the builder on this host ({}); falling back to TCG (--accel tcg skips the attempt, -v shows QEMU's words)",
@@ -367,7 +375,12 @@ impl Machine {
                     );
                     accel_index += 1;
                 }
-                Err(e) => return Err(e),
+                Some(Relaunch::Again) => {
+                    tracing::debug!("the hung boot: {}", crate::escape::escape(&e.to_string()));
+                    tracing::warn!("the builder hung early in its boot under TCG (its console stopped moving): starting it once more");
+                    tries.hung_restarts += 1;
+                }
+                None => return Err(e),
             }
         };
         let Started { mut qemu, mut qmp, serial, started } = started;
@@ -546,7 +559,7 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
             }
         }
     };
-    let mut watchdog = ConsoleWatchdog::new(kvm_silence_limit(opts.boot_timeout), Instant::now());
+    let mut watchdog = ConsoleWatchdog::new(silence_limit(opts.boot_timeout), Instant::now());
     loop {
         check_alive(&mut qemu, &mut qmp, serial_log, &files.qemu_log)?;
         let console = fs::read(serial_log).unwrap_or_default();
@@ -554,15 +567,12 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
             tracing::debug!("guest init started after {:.2}s", started.elapsed().as_secs_f64());
             return Ok(Started { qemu, qmp, serial, started });
         }
-        // Hung, not slow: under KVM the console must keep moving.
-        let silent = watchdog.silent_for(console.len(), Instant::now()).filter(|_| plan.accel == Accelerator::Kvm);
-        if silent.is_some() || deadline.passed() {
-            let source = match silent {
-                Some(waited) => {
-                    Timeout { what: "new console output (KVM hang watchdog: the console stopped moving)".into(), waited, last_cause: None }
-                }
-                None => deadline.timeout("the guest's init to start", None),
-            };
+        // Hung, not slow: the console must keep moving until init runs.
+        if let Some(silent) = watchdog.silent_for(console.len(), Instant::now()) {
+            return Err(VmError::Hung { accel: plan.accel.as_str(), silent, serial_tail: tail_of(serial_log, 30) });
+        }
+        if deadline.passed() {
+            let source = deadline.timeout("the guest's init to start", None);
             return Err(VmError::BootTimeout { accel: plan.accel.as_str(), serial_tail: tail_of(serial_log, 30), source });
         }
         tokio::time::sleep(WATCH_INTERVAL).await;
@@ -583,7 +593,8 @@ fn kvm_failure_reason(e: &VmError) -> String {
                 format!("its KVM lacks features of the pinned CPU model: {}", missing.join(" "))
             }
         }
-        VmError::BootTimeout { source, .. } => format!("the guest hung: {source}"),
+        VmError::Hung { silent, .. } => format!("the guest hung: its console was silent for {:.0}s", silent.as_secs_f64()),
+        VmError::BootTimeout { source, .. } => format!("the guest did not boot in time: {source}"),
         other => other.to_string(),
     }
 }
@@ -599,16 +610,57 @@ pub fn missing_kvm_features(qemu_log: &str) -> Vec<&str> {
         .collect()
 }
 
-/// How long the console of a KVM guest may stay silent before its init
-/// runs before KVM is declared hung: a tenth of `--boot-timeout`, at least
-/// 20 s. The kernel prints its boot messages (see
+/// How long a guest's console may stay silent before its init runs before
+/// the boot is declared hung: a tenth of `--boot-timeout`, at least 20 s.
+/// The kernel prints its boot messages (see
 /// [`crate::vm::args::KERNEL_CMDLINE`]), whose longest gap under TCG is about
-/// a fifth of the time to init: a slow KVM (nested, loaded) keeps printing
-/// and is waited for up to the boot's limit; a KVM that opens but cannot run
-/// the machine stops printing and falls back to TCG (or fails with
-/// `--accel kvm`).
-fn kvm_silence_limit(boot_timeout: Duration) -> Duration {
-    (boot_timeout / 10).max(KVM_SILENCE)
+/// a fifth of the time to init: a slow guest (nested KVM, a loaded host)
+/// keeps printing and is waited for up to the boot's limit; a KVM that opens
+/// but cannot run the machine, or a rare TCG stall early in the boot, stops
+/// printing (see [`relaunch`]).
+fn silence_limit(boot_timeout: Duration) -> Duration {
+    (boot_timeout / 10).max(MIN_SILENCE)
+}
+
+/// What has been tried to launch the builder.
+struct Tries {
+    /// Whether QEMU runs under its seccomp sandbox.
+    sandbox: bool,
+    /// SSH ports found taken when QEMU bound them.
+    other_ports: u32,
+    /// TCG boots started again after they hung.
+    hung_restarts: u32,
+}
+
+/// How a failed launch is tried again.
+#[derive(Debug, PartialEq, Eq)]
+enum Relaunch {
+    /// This QEMU has no seccomp: the same launch, unconfined.
+    Unconfined,
+    /// The SSH port was taken between its probe and QEMU's bind.
+    AnotherPort,
+    /// KVM opens but cannot run the pinned machine (QEMU refuses the CPU
+    /// model, or the guest hangs): the next accelerator, if any.
+    NextAccelerator,
+    /// A TCG boot hung before init (seen about once in a few hundred boots
+    /// on a loaded 2-CPU host, in the kernel's early boot): once more.
+    Again,
+}
+
+/// Whether, and how, the launch that failed with `e` under `accel` is tried
+/// again; `None` when the error is final.
+fn relaunch(e: &VmError, accel: Accelerator, tries: &Tries) -> Option<Relaunch> {
+    match e {
+        VmError::QemuExited { qemu_log, .. } if tries.sandbox && qemu_log.contains("seccomp") => Some(Relaunch::Unconfined),
+        VmError::QemuExited { qemu_log, .. } if qemu_log.contains("host forwarding") && tries.other_ports < 3 => {
+            Some(Relaunch::AnotherPort)
+        }
+        VmError::BootTimeout { .. } | VmError::QemuExited { .. } | VmError::Hung { .. } if accel == Accelerator::Kvm => {
+            Some(Relaunch::NextAccelerator)
+        }
+        VmError::Hung { .. } if tries.hung_restarts == 0 => Some(Relaunch::Again),
+        _ => None,
+    }
 }
 
 /// Tells a hung guest from a slow one by progress on its console.
@@ -760,19 +812,38 @@ mod tests {
             serial_tail: String::new(),
         };
         assert_eq!(kvm_failure_reason(&other), "QEMU: qemu: failed to open /dev/kvm");
-        let hung = VmError::BootTimeout {
-            accel: "kvm",
-            serial_tail: String::new(),
-            source: Timeout { what: "new console output".into(), waited: Duration::from_secs(30), last_cause: None },
-        };
-        assert!(kvm_failure_reason(&hung).starts_with("the guest hung: timed out after 30"), "{}", kvm_failure_reason(&hung));
+        let hung = VmError::Hung { accel: "kvm", silent: Duration::from_secs(30), serial_tail: String::new() };
+        assert_eq!(kvm_failure_reason(&hung), "the guest hung: its console was silent for 30s");
     }
 
     #[test]
     fn the_silence_limit_follows_the_boot_timeout() {
-        assert_eq!(kvm_silence_limit(Duration::from_secs(60)), KVM_SILENCE);
-        assert_eq!(kvm_silence_limit(Duration::from_secs(300)), Duration::from_secs(30));
-        assert_eq!(kvm_silence_limit(Duration::from_secs(3000)), Duration::from_secs(300));
+        assert_eq!(silence_limit(Duration::from_secs(60)), MIN_SILENCE);
+        assert_eq!(silence_limit(Duration::from_secs(300)), Duration::from_secs(30));
+        assert_eq!(silence_limit(Duration::from_secs(3000)), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_hung_tcg_boot_is_started_once_more_a_hung_kvm_one_falls_back() {
+        let hung = VmError::Hung { accel: "tcg", silent: Duration::from_secs(30), serial_tail: String::new() };
+        let fresh = Tries { sandbox: true, other_ports: 0, hung_restarts: 0 };
+        assert_eq!(relaunch(&hung, Accelerator::Tcg, &fresh), Some(Relaunch::Again));
+        assert_eq!(relaunch(&hung, Accelerator::Tcg, &Tries { hung_restarts: 1, ..fresh }), None, "only once");
+        let fresh = Tries { sandbox: true, other_ports: 0, hung_restarts: 0 };
+        assert_eq!(relaunch(&hung, Accelerator::Kvm, &fresh), Some(Relaunch::NextAccelerator));
+        let slow = VmError::BootTimeout {
+            accel: "tcg",
+            serial_tail: String::new(),
+            source: Timeout { what: "the guest's init to start".into(), waited: Duration::from_secs(300), last_cause: None },
+        };
+        assert_eq!(relaunch(&slow, Accelerator::Tcg, &fresh), None, "a boot that used its whole limit is not started again");
+        let port = VmError::QemuExited {
+            status: "exit status: 1".into(),
+            qemu_log: "qemu: could not set up host forwarding rule".into(),
+            serial_tail: String::new(),
+        };
+        assert_eq!(relaunch(&port, Accelerator::Tcg, &fresh), Some(Relaunch::AnotherPort));
+        assert_eq!(relaunch(&port, Accelerator::Tcg, &Tries { other_ports: 3, ..fresh }), None);
     }
 
     #[test]
