@@ -1,7 +1,7 @@
 //! The default chain of build stages: verify the image, archive the source
 //! onto a scratch disk, boot, mount and provision, run the build command as
 //! the build user in a clean environment, collect the artifacts onto the
-//! output disk, power off, extract and hash them, write SHA256SUMS and
+//! output disk, stop QEMU, extract and hash them, write SHA256SUMS and
 //! result.json, and move the output directory into place.
 
 use std::fs::{self, File};
@@ -508,7 +508,7 @@ fn assemble_result(
     })
 }
 
-/// Boot, build, collect, power off, extract: the stages with the guest.
+/// Boot, build, collect, stop, extract: the stages with the guest.
 async fn guest_stages(
     req: &BuildRequest,
     (image, check): (&OpenImage, ImageCheck),
@@ -547,7 +547,7 @@ async fn guest_stages(
     in_guest(&mut machine, &serial_copy, move |session| guest_collect(session, collect_limit)).await?;
     let launched = machine.launched.clone();
     let facts = machine.facts.clone();
-    machine.shutdown(Some(&serial_copy)).await;
+    machine.stop(Some(&serial_copy)).await;
     let (disk, staging) = (prepared.disks.output(), output.path().to_path_buf());
     let bar = progress.bar();
     let artifacts: Vec<Artifact> = blocking(move || artifacts::extract(&disk, &staging, &bar)).await?;

@@ -77,7 +77,7 @@ async fn in_session(
     .expect("SSH thread panicked");
     machine.put_session(session);
     let status = status.map_err(|source| VmError::Ssh { serial_tail: tail_of(machine.serial_log(), 30), source })?;
-    machine.shutdown(None).await;
+    machine.stop(None).await;
     Ok(u8::try_from(status).unwrap_or(255))
 }
 

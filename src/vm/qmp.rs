@@ -1,4 +1,4 @@
-//! QMP through the `qapi` crate: handshake, `query-status`, `system_powerdown`,
+//! QMP through the `qapi` crate: handshake, `query-status`, `query-version`,
 //! `quit`, and the events reprovm acts on (SHUTDOWN, GUEST_PANICKED, STOP).
 //! Only basic commands are used: qapi's types come from a newer QEMU schema
 //! than 7.2, and these are checked against the real QEMU by the VM tests.
@@ -139,19 +139,9 @@ impl Qmp {
         Ok((info.running, state))
     }
 
-    /// `system_powerdown`: presses the ACPI power button.
-    pub async fn powerdown(&self) -> Result<(), QmpError> {
-        self.execute("system_powerdown", qmp::system_powerdown {}, Duration::from_secs(5)).await.map(drop)
-    }
-
     /// `quit`: QEMU exits at once.
     pub async fn quit(&self) -> Result<(), QmpError> {
         self.execute("quit", qmp::quit {}, Duration::from_secs(5)).await.map(drop)
-    }
-
-    /// The next guest event, if one comes within `limit`.
-    pub async fn next_event(&mut self, limit: Duration) -> Option<GuestEvent> {
-        tokio::time::timeout(limit, self.events.recv()).await.ok().flatten()
     }
 
     /// A guest event that has already arrived, without waiting.
