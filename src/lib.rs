@@ -6,8 +6,6 @@
 
 /// Attestations: SLSA provenance, DSSE signing with OpenSSH keys, agreement of trusted rebuilders.
 pub mod attest;
-/// The build stage: recipe, source archive, the build in the guest, artifacts, results, comparison.
-pub mod build;
 /// Command-line definitions, validated configuration and the command functions.
 pub mod cli;
 /// Deadlines for everything that waits: the error says what, how long, and the last cause.
@@ -16,6 +14,8 @@ pub mod deadline;
 pub mod egress;
 /// Text from outside escaped before it is printed: no control characters reach a terminal.
 pub mod escape;
+/// The exit code of every error, in one table.
+pub mod exit;
 /// The guest stage: per-run SSH keys, the authenticated session, guest facts.
 pub mod guest;
 /// Host programs that make disks (mmdebstrap, mkfs.ext4), run clean and supervised.
@@ -30,33 +30,11 @@ pub mod logs;
 pub mod path_error;
 /// Supervised child processes: own process group, graceful stop, always reaped.
 pub mod process;
+/// The rebuild stage: recipe, source archive, the build in the guest, artifacts, results, comparison.
+pub mod rebuild;
 /// Spinners, progress bars and colour on stderr: only on a terminal, never with --quiet.
 pub mod terminal;
 /// The machine stage: QEMU arguments, accelerator choice, QMP, VM lifecycle.
 pub mod vm;
 
-/// The process exit codes of the CLI contract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// Success, or the artifacts are identical.
-    Ok = 0,
-    /// Artifacts differ.
-    Differ = 1,
-    /// Usage, recipe or configuration error.
-    Usage = 2,
-    /// A pinned input does not match its pin.
-    PinMismatch = 3,
-    /// VM or SSH failure.
-    Vm = 4,
-    /// The build command failed.
-    BuildFailed = 5,
-    /// Interrupted by SIGINT or SIGTERM.
-    Interrupted = 130,
-}
-
-impl Exit {
-    /// The numeric process exit status.
-    pub fn code(self) -> u8 {
-        self as u8
-    }
-}
+pub use exit::{Exit, ExitCode};

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         if command == reprovm::vm::relay::RELAY_COMMAND {
             return match reprovm::vm::relay::relay(std::path::Path::new(socket)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(_) => ExitCode::from(reprovm::Exit::Vm.code()),
+                Err(_) => ExitCode::from(reprovm::Exit::Failed.code()),
             };
         }
     }
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
             return ExitCode::from(reprovm::Exit::Usage.code());
         }
     };
-    let code = runtime.block_on(reprovm::cli::run(args));
+    let code = runtime.block_on(reprovm::cli::execute(args));
     // After an interrupt, blocking stages (archiving, mkfs, extraction) see
     // the signal, stop and remove their files; SSH threads end as their
     // connection closes with QEMU. Give them that time, not forever.

@@ -15,7 +15,7 @@ use std::process::Command;
 
 use common::{reprovm, text, TestEnv};
 use reprovm::attest::statement;
-use reprovm::build::BuildResult;
+use reprovm::rebuild::BuildResult;
 
 /// The in-toto side's interpreter: None (skipped, with the reason printed)
 /// without REPROVM_TEST_PYTHON, except under REPROVM_REQUIRE_VM=1 (CI).
@@ -82,7 +82,7 @@ fn keygen(dir: &Path, name: &str, passphrase: &str) -> (PathBuf, PathBuf, String
 /// provenance.intoto.json for `result`.
 fn output_dir(dir: &Path, result: &BuildResult) -> PathBuf {
     fs::create_dir_all(dir).unwrap();
-    fs::write(dir.join("SHA256SUMS"), reprovm::build::artifacts::sha256sums(&result.outputs)).unwrap();
+    fs::write(dir.join("SHA256SUMS"), reprovm::rebuild::artifacts::sha256sums(&result.outputs)).unwrap();
     let t = time::OffsetDateTime::now_utc();
     let s = statement::provenance(result, t - time::Duration::seconds(12), t, &statement::invocation_id());
     fs::write(dir.join("provenance.intoto.json"), s.to_file_bytes()).unwrap();

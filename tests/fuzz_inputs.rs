@@ -12,9 +12,9 @@ use proptest::prelude::*;
 use reprovm::attest::dsse::{Envelope, SignatureCheck};
 use reprovm::attest::keys::{SigningKey, TrustedKeys};
 use reprovm::attest::statement;
-use reprovm::build::artifacts::parse_sha256sums;
-use reprovm::build::recipe::check_artifact_glob;
-use reprovm::build::{BuildRecipe, Record};
+use reprovm::rebuild::artifacts::parse_sha256sums;
+use reprovm::rebuild::recipe::check_artifact_glob;
+use reprovm::rebuild::{BuildRecipe, Record};
 
 const VALID_RECIPE: &str = "[machine]\ncpus = 2\n[build]\ncommand = \"make\"\nartifacts = [\"out/*.bin\"]\n";
 

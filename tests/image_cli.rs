@@ -3,37 +3,10 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{reprovm, text, TestEnv};
-use reprovm::image::bundle::{write_bundle, ImageMetadata, FORMAT_VERSION};
+use common::{reprovm, small_bundle, text, TestEnv};
 use reprovm::image::pin::hash_file;
-
-fn small_bundle(dir: &Path) -> PathBuf {
-    let metadata = ImageMetadata {
-        format: FORMAT_VERSION,
-        name: "tiny".into(),
-        distribution: "debian bookworm".into(),
-        architecture: "amd64".into(),
-        mirror: "http://deb.debian.org/debian".into(),
-        source_date_epoch: 1_732_492_800,
-        recipe_sha256: "0".repeat(64),
-        kernel_release: "6.1.0-test".into(),
-        rootfs_label: "builder-root".into(),
-        packages: vec!["base-files=12.4".into()],
-    };
-    let parts: Vec<PathBuf> = ["k", "i", "r"]
-        .iter()
-        .map(|n| {
-            let p = dir.join(n);
-            std::fs::write(&p, vec![n.as_bytes()[0]; 100_000]).unwrap();
-            p
-        })
-        .collect();
-    let out = dir.join("tiny.img");
-    write_bundle(std::fs::File::create(&out).unwrap(), &metadata, &parts[0], &parts[1], &parts[2]).unwrap();
-    out
-}
 
 fn store_entries(env: &TestEnv) -> Vec<String> {
     let images = env.cache.join("reprovm/images");

@@ -194,6 +194,20 @@ async fn boot_test_machine(env: &TestEnv, cpus: u32, memory_mib: u32) -> Machine
     Machine::boot(&image, check, &opts).await.unwrap()
 }
 
+/// Runs `command` as root over the machine's session; its status, stdout
+/// and stderr.
+async fn exec_capture(machine: &mut Machine, command: &'static str) -> (i32, String, String) {
+    let session = machine.take_session().unwrap();
+    let (session, result) = tokio::task::spawn_blocking(move || {
+        let r = session.exec_capture(command);
+        (session, r)
+    })
+    .await
+    .unwrap();
+    machine.put_session(session);
+    result.unwrap()
+}
+
 /// One booted builder shared by several checks: QMP against the real QEMU,
 /// the host-key check, the guest facts, and the stop.
 #[test]
@@ -221,30 +235,15 @@ fn one_builder_qmp_host_key_facts_and_stop() {
                 .unwrap();
         assert!(matches!(impostor_view, Err(GuestError::HostKeyMismatch { .. })), "a different host key must be refused");
         // The session of this run works and runs commands as root.
-        let session = machine.take_session().unwrap();
-        let (session, result) = tokio::task::spawn_blocking(move || {
-            let r = session.exec_capture("id -un; ls -ld /run/reprovm");
-            (session, r)
-        })
-        .await
-        .unwrap();
-        let (status, out, _) = result.unwrap();
+        let (status, out, _) = exec_capture(&mut machine, "id -un; ls -ld /run/reprovm").await;
         assert_eq!(status, 0);
         assert!(out.starts_with("root\n"), "{out}");
-        machine.put_session(session);
         // The facts, read with bash's builtins, are what the programs say.
-        let session = machine.take_session().unwrap();
-        let (session, programs) = tokio::task::spawn_blocking(move || {
-            let r = session.exec_capture("uname -a; nproc; hostname; date -u +%s; cat /proc/meminfo /proc/cpuinfo");
-            (session, r)
-        })
-        .await
-        .unwrap();
-        let (status, programs, _) = programs.unwrap();
+        let (status, programs, _) =
+            exec_capture(&mut machine, "uname -a; nproc; hostname; date -u +%s; cat /proc/meminfo /proc/cpuinfo").await;
         let by_programs = reprovm::guest::GuestFacts::parse(status, &programs).unwrap();
         assert_eq!(by_programs.facts, machine.facts, "the facts as uname, nproc, hostname and cat give them");
         assert!((by_programs.clock - machine.guest_clock).abs() < 60);
-        machine.put_session(session);
         let run_dir = machine.run_dir().to_path_buf();
         let stopping = Instant::now();
         machine.stop(None).await;

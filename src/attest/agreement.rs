@@ -20,10 +20,10 @@ use crate::attest::dsse::{Envelope, SignatureCheck, MAX_ENVELOPE};
 use crate::attest::keys::TrustedKeys;
 use crate::attest::statement::{self, Attested, ResourceDescriptor, Statement, STATEMENT_TYPE};
 use crate::attest::{read_regular_capped, ReadError};
-use crate::build::compare::Status;
-use crate::build::result::Record;
 use crate::escape::escape;
 use crate::path_error::{path_error, PathError};
+use crate::rebuild::compare::Status;
+use crate::rebuild::result::Record;
 
 /// `predicateType` of a SLSA Verification Summary Attestation v1.
 pub const VSA_TYPE: &str = "https://slsa.dev/verification_summary/v1";

@@ -16,8 +16,8 @@ pub mod statement;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::build::result::BuildResult;
 use crate::path_error::{path_error, PathError};
+use crate::rebuild::result::BuildResult;
 
 /// The file name of the signed provenance beside `provenance.intoto.json`.
 pub const ENVELOPE_FILE: &str = "provenance.intoto.dsse.json";

@@ -20,10 +20,10 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::attest::shown;
-use crate::build::result::{BuildResult, Inputs, MachineRecord, RecipeRecord, Timings, RESULT_FORMAT};
-use crate::build::source::SourceRecord;
 use crate::egress::Download;
 use crate::guest::GuestFacts;
+use crate::rebuild::result::{BuildResult, Inputs, MachineRecord, RecipeRecord, Timings, RESULT_FORMAT};
+use crate::rebuild::source::SourceRecord;
 
 /// The file every build writes.
 pub const PROVENANCE_FILE: &str = "provenance.intoto.json";

@@ -12,10 +12,10 @@ use crate::attest::dsse::{Envelope, MAX_ENVELOPE};
 use crate::attest::keys::{SigningKey, TrustedKeys};
 use crate::attest::statement::{self, PROVENANCE_FILE};
 use crate::attest::{read_capped, ENVELOPE_FILE};
-use crate::build::artifacts::parse_sha256sums;
-use crate::build::Record;
 use crate::cli::Error;
 use crate::path_error::path_error;
+use crate::rebuild::artifacts::parse_sha256sums;
+use crate::rebuild::Record;
 use crate::Exit;
 
 /// `reprovm attest …`
@@ -78,7 +78,7 @@ pub fn load_record(file: &Path) -> Result<Record, Error> {
 }
 
 /// `reprovm attest sign`.
-pub fn run(cmd: AttestCommand) -> Result<u8, Error> {
+pub fn execute(cmd: AttestCommand) -> Result<u8, Error> {
     let AttestCommand::Sign { key, out, statement } = cmd;
     let file = if statement.is_dir() { statement.join(PROVENANCE_FILE) } else { statement };
     let key = SigningKey::load(&key)?;
@@ -89,7 +89,7 @@ pub fn run(cmd: AttestCommand) -> Result<u8, Error> {
     if sums.is_file() {
         let listed: std::collections::BTreeMap<String, String> =
             parse_sha256sums(&String::from_utf8_lossy(&read_capped(&sums, MAX_ENVELOPE)?), &sums)
-                .map_err(crate::build::RecordError::from)?
+                .map_err(crate::rebuild::RecordError::from)?
                 .into_iter()
                 .collect();
         if listed != attested.subjects {

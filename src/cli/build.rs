@@ -11,16 +11,16 @@ use std::time::Duration;
 use indicatif::ProgressBar;
 
 use crate::attest::keys::SigningKey;
-use crate::build::artifacts::sha256sums;
-use crate::build::compare::{all_identical, compare_rows, differing_inputs, render_inputs, render_rows, Status};
-use crate::build::recipe::NetworkAccess;
-use crate::build::{run, BuildRecipe, BuildRequest, BuildResult, EgressRequest, Progress, Record, RECIPE_FILE};
 use crate::cli::attest::load_record;
 use crate::cli::run::resolve_image;
 use crate::cli::{Error, MachineArgs};
 use crate::egress::AllowedHost;
 use crate::escape::escape;
 use crate::image::Store;
+use crate::rebuild::artifacts::sha256sums;
+use crate::rebuild::compare::{all_identical, compare_rows, differing_inputs, render_inputs, render_rows, Status};
+use crate::rebuild::recipe::NetworkAccess;
+use crate::rebuild::{rebuild, BuildRecipe, BuildRequest, BuildResult, EgressRequest, Progress, Record, BUILD_RECIPE_FILE};
 use crate::terminal;
 use crate::vm::Network;
 use crate::Exit;
@@ -104,7 +104,7 @@ impl Progress for StageProgress {
 
 /// Validates the arguments and the recipe into a request.
 fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
-    let recipe_file = args.recipe.clone().unwrap_or_else(|| args.src.join(RECIPE_FILE));
+    let recipe_file = args.recipe.clone().unwrap_or_else(|| args.src.join(BUILD_RECIPE_FILE));
     // --recipe is the user's choice; SRC/reprovm.toml comes with the tree.
     let mut recipe = match &args.recipe {
         Some(file) => BuildRecipe::load(file)?,
@@ -196,7 +196,7 @@ fn egress_request(args: &BuildArgs, network: &NetworkAccess) -> Result<EgressReq
 async fn run_build(req: BuildRequest) -> Result<BuildResult, Error> {
     let progress = StageProgress { spinner: Mutex::new(None) };
     let (out, signed) = (req.out.clone(), req.sign.is_some());
-    let result = run::run(req, &progress).await?;
+    let result = rebuild(req, &progress).await?;
     let signed = if signed { ", provenance.intoto.dsse.json" } else { "" };
     terminal::note(format_args!(
         "output in {}: {} artifacts, SHA256SUMS, result.json, provenance.intoto.json{signed}, build.log, serial.log",
@@ -219,7 +219,7 @@ pub async fn build(args: BuildArgs) -> Result<u8, Error> {
 
 /// Runs diffoscope on each differing artifact whose expected copy lies
 /// beside the expected file; reports go to OUT/diffoscope/.
-fn diffoscope_reports(rows: &[crate::build::compare::Row], expected_dir: &Path, out: &Path) {
+fn diffoscope_reports(rows: &[crate::rebuild::compare::Row], expected_dir: &Path, out: &Path) {
     let differing: Vec<&str> = rows.iter().filter(|r| r.status == Status::Differs).map(|r| r.path.as_str()).collect();
     if differing.is_empty() {
         return;
@@ -298,7 +298,7 @@ pub async fn verify(args: BuildArgs, expect: PathBuf, diffoscope: bool) -> Resul
 
 /// The `--json` comparison of `compare` and `verify`: the records, whether
 /// all are identical, each artifact's status and hashes, differing inputs.
-fn comparison_json(files: &[PathBuf], rows: &[crate::build::compare::Row], records: &[&Record]) -> serde_json::Value {
+fn comparison_json(files: &[PathBuf], rows: &[crate::rebuild::compare::Row], records: &[&Record]) -> serde_json::Value {
     let inputs: Vec<serde_json::Value> =
         differing_inputs(records).into_iter().map(|(name, values)| serde_json::json!({ "name": name, "values": values })).collect();
     serde_json::json!({

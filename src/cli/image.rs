@@ -11,7 +11,7 @@ use crate::path_error::path_error;
 use crate::Exit;
 
 /// Runs one `image` subcommand; blocking work goes to a blocking thread.
-pub async fn run(cmd: ImageCommand) -> Result<Exit, Error> {
+pub async fn execute(cmd: ImageCommand) -> Result<Exit, Error> {
     tokio::task::spawn_blocking(move || run_blocking(cmd)).await.expect("image command thread panicked")
 }
 

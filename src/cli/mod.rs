@@ -13,13 +13,13 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::egress::{DownloadCache, EgressError};
-use crate::image::build::BuildError;
+use crate::image::build::ImageBuildError;
 use crate::image::fetch::FetchError;
 use crate::image::pin::BadPin;
 use crate::image::StoreError;
 use crate::interrupt::{self, Interrupted};
 use crate::vm::{AccelChoice, VmError};
-use crate::Exit;
+use crate::{Exit, ExitCode};
 
 /// Rebuild software inside a pinned, checksummed builder VM and check the bytes.
 #[derive(Debug, Parser)]
@@ -247,7 +247,7 @@ pub enum Error {
     Store(#[from] StoreError),
     /// Image build failure.
     #[error("image build failed")]
-    Build(#[from] BuildError),
+    ImageBuild(#[from] ImageBuildError),
     /// Image fetch failure.
     #[error(transparent)]
     Fetch(#[from] FetchError),
@@ -271,13 +271,13 @@ pub enum Error {
     Vm(#[from] VmError),
     /// A build failed.
     #[error(transparent)]
-    BuildRun(#[from] crate::build::BuildError),
+    Rebuild(#[from] crate::rebuild::RebuildError),
     /// The build recipe is unusable.
     #[error(transparent)]
-    Recipe(#[from] crate::build::RecipeError),
+    BuildRecipe(#[from] crate::rebuild::BuildRecipeError),
     /// A result or SHA256SUMS file is unusable.
     #[error(transparent)]
-    Record(#[from] crate::build::RecordError),
+    Record(#[from] crate::rebuild::RecordError),
     /// The download cache, an export file or the egress proxy failed.
     #[error(transparent)]
     Egress(#[from] EgressError),
@@ -319,28 +319,6 @@ pub enum Error {
     Interrupted(#[from] Interrupted),
 }
 
-impl Error {
-    /// The process exit code for this error.
-    pub fn exit(&self) -> Exit {
-        match self {
-            Error::BadPin { .. } => Exit::Usage,
-            Error::Store(e) => e.exit(),
-            Error::Build(e) => e.exit(),
-            Error::Fetch(e) => e.exit(),
-            Error::Corrupt { .. } => Exit::PinMismatch,
-            Error::NoImage { .. } | Error::BadCommand => Exit::Usage,
-            Error::Vm(e) => e.exit(),
-            Error::BuildRun(e) => e.exit(),
-            Error::Egress(e) => e.exit(),
-            Error::Recipe(_) | Error::Record(_) | Error::Usage(_) => Exit::Usage,
-            Error::Key(_) | Error::Read(_) | Error::Io(_) | Error::Envelope { .. } | Error::Statement { .. } | Error::Agreement(_) => {
-                Exit::Usage
-            }
-            Error::Interrupted(_) => Exit::Interrupted,
-        }
-    }
-}
-
 /// Sets up logging to stderr: `info` by default, `-q` for warnings and
 /// errors only, `-v` for debug, `-vv` for trace; `REPROVM_LOG` (an
 /// env-filter directive) overrides them.
@@ -376,15 +354,15 @@ pub fn report(err: &(dyn std::error::Error + 'static)) {
 
 /// Runs the command and returns the process exit code. A signal cancels the
 /// command: dropping its future stops QEMU and removes every per-run file.
-pub async fn run(args: Args) -> u8 {
+pub async fn execute(args: Args) -> u8 {
     if let Err(e) = interrupt::install() {
         crate::terminal::say(format_args!("error: cannot install signal handlers: {e}"));
         return Exit::Usage.code();
     }
     let command = async {
         match args.command {
-            Commands::Image(cmd) => image::run(cmd).await.map(Exit::code),
-            Commands::Run { machine, command } => run::run(machine, command).await,
+            Commands::Image(cmd) => image::execute(cmd).await.map(Exit::code),
+            Commands::Run { machine, command } => run::run_command(machine, command).await,
             Commands::Shell { machine } => run::shell(machine).await,
             Commands::Build(args) => build::build(args).await,
             Commands::Verify { build: args, expect, diffoscope, agreement } => match (&agreement.attestations, expect) {
@@ -393,7 +371,7 @@ pub async fn run(args: Args) -> u8 {
                 (None, None) => Err(Error::Usage("verify needs --expect FILE (or --attestations DIR)".into())),
             },
             Commands::Compare { results, json } => build::compare(results, json),
-            Commands::Attest(cmd) => attest::run(cmd),
+            Commands::Attest(cmd) => attest::execute(cmd),
             Commands::Downloads(cmd) => downloads(cmd),
             Commands::Doctor => doctor::doctor().await,
             Commands::Completions { shell } => {
@@ -421,7 +399,7 @@ fn downloads(cmd: DownloadsCommand) -> Result<u8, Error> {
     let cache = DownloadCache::open_default()?;
     match cmd {
         DownloadsCommand::Export { result, out } => {
-            let record = crate::build::Record::load(&result)?;
+            let record = crate::rebuild::Record::load(&result)?;
             let result = record.result.ok_or_else(|| Error::Usage(format!("{}: a result.json is needed", result.display())))?;
             crate::egress::export(&cache, &result.inputs.downloads, &out)?;
             crate::terminal::say(format_args!("{} downloads written to {}", result.inputs.downloads.len(), out.display()));

@@ -5,13 +5,13 @@ use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use crate::build::recipe::MachineSection;
 use crate::cli::{parse_pin, Error, MachineArgs};
 use crate::escape::EscapingWriter;
 use crate::guest::session::as_build_user;
 use crate::guest::{GuestError, GuestSession};
 use crate::image::{OpenImage, Pin, Store};
 use crate::logs::tail_of;
+use crate::rebuild::recipe::MachineSection;
 use crate::vm::{AccelChoice, BootOptions, Machine, Network, VmError};
 
 /// Picks the image: the pin given, else the store's only image (with
@@ -82,7 +82,7 @@ async fn in_session(
 }
 
 /// `reprovm run -- CMD...`: exits with CMD's status.
-pub async fn run(args: MachineArgs, command: Vec<String>) -> Result<u8, Error> {
+pub async fn run_command(args: MachineArgs, command: Vec<String>) -> Result<u8, Error> {
     let line = shlex::try_join(command.iter().map(String::as_str)).map_err(|_| Error::BadCommand)?;
     let wrapped = as_build_user(&line);
     let machine = boot(&args).await?;

@@ -263,7 +263,7 @@ mod tests {
             raw_tar(&file, &members);
             let fresh = DownloadCache::at(tmp.path().join(format!("fresh-{}", what.replace(' ', "-")))).unwrap();
             let err = import(&fresh, &file).unwrap_err();
-            assert_eq!(err.exit(), crate::Exit::Usage, "{what}: {err:?}");
+            assert_eq!(crate::ExitCode::exit(&err), crate::Exit::Usage, "{what}: {err:?}");
             if what != "duplicate" {
                 assert_eq!(std::fs::read_dir(fresh.dir()).unwrap().count(), 0, "{what}: nothing enters the cache");
             }

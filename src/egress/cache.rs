@@ -178,6 +178,6 @@ mod tests {
         fs::write(&path, b"abd").unwrap();
         let err = cache.verify(&download(&sha)).unwrap_err();
         assert!(matches!(&err, EgressError::HashMismatch { url, expected, .. } if url == "http://h/f" && *expected == sha), "{err:?}");
-        assert_eq!(err.exit(), crate::Exit::PinMismatch);
+        assert_eq!(crate::ExitCode::exit(&err), crate::Exit::PinMismatch);
     }
 }

@@ -21,7 +21,6 @@ pub use proxy::{Proxy, MAX_CONNECTIONS, MAX_HEADER_BYTES, MAX_REQUEST_BODY};
 pub use report::{Download, EgressReport, Refusal, Tunnel};
 
 use crate::path_error::PathError;
-use crate::Exit;
 
 /// A failure of the download cache or of an export file.
 #[derive(Debug, thiserror::Error)]
@@ -77,14 +76,4 @@ pub enum EgressError {
         #[source]
         source: serde_json::Error,
     },
-}
-
-impl EgressError {
-    /// The process exit code for this error: 3 for a hash mismatch, else 2.
-    pub fn exit(&self) -> Exit {
-        match self {
-            EgressError::HashMismatch { .. } => Exit::PinMismatch,
-            _ => Exit::Usage,
-        }
-    }
 }

@@ -215,7 +215,7 @@ async fn replay_of_a_tampered_cache_entry_is_a_hash_mismatch() {
     let report = proxy.finish().await;
     match report.check_hashes() {
         Err(e @ EgressError::HashMismatch { .. }) => {
-            assert_eq!(e.exit(), crate::Exit::PinMismatch);
+            assert_eq!(crate::ExitCode::exit(&e), crate::Exit::PinMismatch);
             assert!(e.to_string().contains(&origin.url("/a")) && e.to_string().contains(&downloads[0].sha256), "{e}");
         }
         other => panic!("{other:?}"),

@@ -18,10 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::host_tools::{check_mke2fs, clean_command, make_ext4, probe, run_logged, Ext4Spec, ToolError};
 use crate::image::bundle::{self, ImageMetadata, FORMAT_VERSION};
 use crate::image::pin::{hash_file, Pin};
-use crate::image::recipe::{is_mirror_url, ImageRecipe, RecipeError};
+use crate::image::recipe::{is_mirror_url, ImageRecipe, ImageRecipeError};
 use crate::image::store::{Store, StoreError, StoredImage};
 use crate::path_error::{path_error, PathError};
-use crate::Exit;
 
 /// Label of the root filesystem.
 const ROOTFS_LABEL: &str = "builder-root";
@@ -37,10 +36,10 @@ pub struct BuildOptions {
 
 /// A failure while building an image.
 #[derive(Debug, thiserror::Error)]
-pub enum BuildError {
+pub enum ImageBuildError {
     /// The recipe is unusable.
     #[error(transparent)]
-    Recipe(#[from] RecipeError),
+    Recipe(#[from] ImageRecipeError),
     /// `--mirror` is not a URL mmdebstrap can use.
     #[error("invalid value {value:?} for --mirror: expected an http:// or https:// URL")]
     BadMirror {
@@ -64,20 +63,9 @@ pub enum BuildError {
     Store(#[from] StoreError),
 }
 
-impl BuildError {
-    /// The process exit code for this error.
-    pub fn exit(&self) -> Exit {
-        match self {
-            BuildError::Store(e) => e.exit(),
-            BuildError::Tool(ToolError::Interrupted(_)) => Exit::Interrupted,
-            _ => Exit::Usage,
-        }
-    }
-}
-
 /// Fails early, before minutes of mmdebstrap, when a needed tool is missing
 /// or too old.
-fn check_tools() -> Result<(), BuildError> {
+fn check_tools() -> Result<(), ImageBuildError> {
     probe("mmdebstrap", "--version", "mmdebstrap")?;
     Ok(check_mke2fs()?)
 }
@@ -104,7 +92,7 @@ struct RootfsFacts {
 }
 
 /// Reads the installed packages and the kernel release out of the rootfs tar.
-fn rootfs_facts(tar_path: &Path) -> Result<RootfsFacts, BuildError> {
+fn rootfs_facts(tar_path: &Path) -> Result<RootfsFacts, ImageBuildError> {
     let file = File::open(tar_path).map_err(path_error("open", tar_path))?;
     let mut archive = tar::Archive::new(BufReader::new(file));
     let mut facts = RootfsFacts::default();
@@ -160,14 +148,14 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// Builds the image described by the recipe in `recipe_dir`, adds it to
 /// `store`, and returns the stored entry.
-pub fn build_image(recipe_dir: &Path, opts: &BuildOptions, store: &Store) -> Result<StoredImage, BuildError> {
+pub fn build_image(recipe_dir: &Path, opts: &BuildOptions, store: &Store) -> Result<StoredImage, ImageBuildError> {
     let (recipe, recipe_path) = ImageRecipe::load(recipe_dir)?;
     let recipe_dir = recipe_path.parent().unwrap_or(Path::new("."));
     let provision = recipe_dir.join(&recipe.provision);
     let customize = fs::canonicalize(provision.join("customize-image")).map_err(path_error("find", &provision.join("customize-image")))?;
     let mirror = opts.mirror.clone().unwrap_or_else(|| recipe.mirror.clone());
     if !is_mirror_url(&mirror) {
-        return Err(BuildError::BadMirror { value: mirror });
+        return Err(ImageBuildError::BadMirror { value: mirror });
     }
     check_tools()?;
 
@@ -194,7 +182,7 @@ fn build_in(
     work: &Path,
     opts: &BuildOptions,
     store: &Store,
-) -> Result<StoredImage, BuildError> {
+) -> Result<StoredImage, ImageBuildError> {
     let epoch = recipe.source_date_epoch;
     let rootfs_tar = work.join("rootfs.tar");
     let boot_dir = work.join("boot");
@@ -224,15 +212,15 @@ fn build_in(
     run_logged("mmdebstrap", "mmdebstrap", &mut mm, &work.join("mmdebstrap.log"))?;
 
     let facts = rootfs_facts(&rootfs_tar)?;
-    let kernel_release = facts.kernel_release.ok_or(BuildError::Incomplete { what: "kernel modules directory" })?;
+    let kernel_release = facts.kernel_release.ok_or(ImageBuildError::Incomplete { what: "kernel modules directory" })?;
     if facts.packages.is_empty() {
-        return Err(BuildError::Incomplete { what: "installed packages in /var/lib/dpkg/status" });
+        return Err(ImageBuildError::Incomplete { what: "installed packages in /var/lib/dpkg/status" });
     }
     let kernel = boot_dir.join("vmlinux");
     let initrd = boot_dir.join("initrd.img");
     for (path, what) in [(&kernel, "kernel written by provision/mkinitrd"), (&initrd, "initrd written by provision/mkinitrd")] {
         if !path.is_file() {
-            return Err(BuildError::Incomplete { what });
+            return Err(ImageBuildError::Incomplete { what });
         }
     }
 

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use crate::image::pin::Pin;
 use crate::image::store::{Store, StoreError, StoredImage};
-use crate::Exit;
 
 /// A failed fetch.
 #[derive(Debug, thiserror::Error)]
@@ -29,17 +28,6 @@ pub enum FetchError {
     /// The download or the store refused the bytes.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl FetchError {
-    /// The process exit code for this error.
-    pub fn exit(&self) -> Exit {
-        match self {
-            FetchError::Store(e) => e.exit(),
-            FetchError::Scheme { .. } => Exit::Usage,
-            FetchError::Request { .. } => Exit::Vm,
-        }
-    }
 }
 
 /// Downloads `url`, proves it hashes to `expected`, and adds it to `store`.

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::path_error::{path_error, PathError};
 
 /// File name of a recipe inside its directory.
-pub const RECIPE_FILE: &str = "image.toml";
+pub const IMAGE_RECIPE_FILE: &str = "image.toml";
 
 /// Where the default recipe lies in reprovm's source; `reprovm image build`
 /// without a directory builds the copy built into the binary.
@@ -26,7 +26,7 @@ pub fn write_default_recipe(root: &Path) -> Result<PathBuf, PathError> {
     for dir in [&recipe_dir, &provision] {
         fs::create_dir_all(dir).map_err(path_error("create", dir))?;
     }
-    let recipe = recipe_dir.join(RECIPE_FILE);
+    let recipe = recipe_dir.join(IMAGE_RECIPE_FILE);
     fs::write(&recipe, DEFAULT_RECIPE).map_err(path_error("write", &recipe))?;
     crate::guest::provision::write_provision(&provision)?;
     Ok(recipe_dir)
@@ -61,7 +61,7 @@ pub struct ImageRecipe {
 
 /// A recipe that cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum RecipeError {
+pub enum ImageRecipeError {
     /// The file could not be read.
     #[error("cannot read image recipe {path}")]
     Read {
@@ -107,18 +107,18 @@ fn is_package_name(s: &str) -> bool {
 
 impl ImageRecipe {
     /// Reads and validates the recipe in `dir` (or the file `dir` itself).
-    pub fn load(dir: &Path) -> Result<(ImageRecipe, PathBuf), RecipeError> {
-        let path = if dir.is_dir() { dir.join(RECIPE_FILE) } else { dir.to_path_buf() };
-        let text = std::fs::read_to_string(&path).map_err(|source| RecipeError::Read { path: path.clone(), source })?;
+    pub fn load(dir: &Path) -> Result<(ImageRecipe, PathBuf), ImageRecipeError> {
+        let path = if dir.is_dir() { dir.join(IMAGE_RECIPE_FILE) } else { dir.to_path_buf() };
+        let text = std::fs::read_to_string(&path).map_err(|source| ImageRecipeError::Read { path: path.clone(), source })?;
         let recipe = Self::parse(&text, &path)?;
         Ok((recipe, path))
     }
 
     /// Parses and validates recipe text; `path` is only used in errors.
-    pub fn parse(text: &str, path: &Path) -> Result<ImageRecipe, RecipeError> {
+    pub fn parse(text: &str, path: &Path) -> Result<ImageRecipe, ImageRecipeError> {
         let recipe: ImageRecipe =
-            toml::from_str(text).map_err(|e| RecipeError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
-        let bad = |field, value: String, expected| RecipeError::Field { path: path.to_path_buf(), field, value, expected };
+            toml::from_str(text).map_err(|e| ImageRecipeError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let bad = |field, value: String, expected| ImageRecipeError::Field { path: path.to_path_buf(), field, value, expected };
         if recipe.name.is_empty() || !recipe.name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-') {
             return Err(bad("name", recipe.name, "lowercase letters, digits and '-'"));
         }
@@ -169,7 +169,7 @@ rootfs_free_mib = 256
 provision = "../../provision"
 "#;
 
-    fn parse(text: &str) -> Result<ImageRecipe, RecipeError> {
+    fn parse(text: &str) -> Result<ImageRecipe, ImageRecipeError> {
         ImageRecipe::parse(text, Path::new("vm-images/x/image.toml"))
     }
 
@@ -186,7 +186,7 @@ provision = "../../provision"
         let root = tempfile::tempdir().unwrap();
         let dir = write_default_recipe(root.path()).unwrap();
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_RECIPE_DIR);
-        assert_eq!(fs::read(dir.join(RECIPE_FILE)).unwrap(), fs::read(shipped.join(RECIPE_FILE)).unwrap());
+        assert_eq!(fs::read(dir.join(IMAGE_RECIPE_FILE)).unwrap(), fs::read(shipped.join(IMAGE_RECIPE_FILE)).unwrap());
         let (recipe, _) = ImageRecipe::load(&dir).unwrap();
         assert!(dir.join(&recipe.provision).join("customize-image").is_file());
     }

@@ -14,7 +14,6 @@ use crate::image::bundle::{self, BundleError, BundleLayout};
 use crate::image::pin::{hash_reader, Pin};
 use crate::image::transport;
 use crate::path_error::{path_error, PathError};
-use crate::Exit;
 
 /// File name of the bundle inside a store entry.
 const BUNDLE_FILE: &str = "bundle.img";
@@ -76,16 +75,6 @@ pub enum StoreError {
         /// The store directory.
         root: PathBuf,
     },
-}
-
-impl StoreError {
-    /// The process exit code for this error.
-    pub fn exit(&self) -> Exit {
-        match self {
-            StoreError::PinMismatch { .. } => Exit::PinMismatch,
-            _ => Exit::Usage,
-        }
-    }
 }
 
 /// A bundle in the store.
@@ -365,7 +354,7 @@ mod tests {
         let wrong: Pin = "00".repeat(32).parse().unwrap();
         let store = Store::at(dir.path().join("store"));
         let err = store.import(&bundle, Some(wrong)).unwrap_err();
-        assert_eq!(err.exit(), Exit::PinMismatch);
+        assert_eq!(crate::ExitCode::exit(&err), crate::Exit::PinMismatch);
         assert!(err.to_string().contains(&wrong.to_string()), "{err}");
         assert_eq!(fs::read_dir(store.root()).unwrap().count(), 0, "nothing may remain in the store");
     }

@@ -27,7 +27,6 @@ use crate::process::Supervised;
 use crate::vm::accel::{candidates, probe_kvm, AccelChoice};
 use crate::vm::args::{cpu_option, qemu_args, Accelerator, EgressRelay, ExtraDisk, LaunchPlan, MachineSpec, Network, MACHINE_TYPE};
 use crate::vm::qmp::{GuestEvent, Qmp, QmpError};
-use crate::Exit;
 
 /// What the guest's init prints on the serial console once userspace runs.
 const INIT_MARKER: &str = "reprovm-init: started";
@@ -187,17 +186,6 @@ pub enum VmError {
     /// (or could not be read).
     #[error("{0}; the builder was stopped before anything was sent to it")]
     Image(Box<StoreError>),
-}
-
-impl VmError {
-    /// The process exit code for this error: the image's (3 for a
-    /// mismatch), else 4.
-    pub fn exit(&self) -> Exit {
-        match self {
-            VmError::Image(e) => e.exit(),
-            _ => Exit::Vm,
-        }
-    }
 }
 
 /// A free TCP port on 127.0.0.1 (QEMU binds it right after; a lost race

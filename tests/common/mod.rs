@@ -147,3 +147,32 @@ pub fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration)
 pub fn signal(child: &Child, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
 }
+
+/// A tiny bundle (`tiny.img` in `dir`) with 100 kB stand-ins for the kernel,
+/// initrd and root filesystem: enough for the store, never booted.
+pub fn small_bundle(dir: &Path) -> PathBuf {
+    use reprovm::image::bundle::{write_bundle, ImageMetadata, FORMAT_VERSION};
+    let metadata = ImageMetadata {
+        format: FORMAT_VERSION,
+        name: "tiny".into(),
+        distribution: "debian bookworm".into(),
+        architecture: "amd64".into(),
+        mirror: "http://deb.debian.org/debian".into(),
+        source_date_epoch: 1_732_492_800,
+        recipe_sha256: "0".repeat(64),
+        kernel_release: "6.1.0-test".into(),
+        rootfs_label: "builder-root".into(),
+        packages: vec!["base-files=12.4".into()],
+    };
+    let parts: Vec<PathBuf> = ["k", "i", "r"]
+        .iter()
+        .map(|n| {
+            let p = dir.join(n);
+            std::fs::write(&p, vec![n.as_bytes()[0]; 100_000]).unwrap();
+            p
+        })
+        .collect();
+    let out = dir.join("tiny.img");
+    write_bundle(std::fs::File::create(&out).unwrap(), &metadata, &parts[0], &parts[1], &parts[2]).unwrap();
+    out
+}

@@ -1,34 +1,34 @@
 //! The build stage: a recipe and a source tree go into a verified builder;
-//! artifacts, SHA256SUMS and result.json come out. [`run::run`] is the
-//! default chain of the public steps in these modules.
+//! artifacts, SHA256SUMS and result.json come out. [`stages::rebuild`] runs
+//! the stages in order; the guest's side of them is in `guest_steps`.
 
 pub mod artifacts;
 pub mod compare;
+mod guest_steps;
 pub mod output;
 pub mod recipe;
 pub mod result;
-pub mod run;
 pub mod source;
+pub mod stages;
 
-pub use recipe::{BuildRecipe, RecipeError, RECIPE_FILE};
+pub use recipe::{BuildRecipe, BuildRecipeError, BUILD_RECIPE_FILE};
 pub use result::{BuildResult, Record, RecordError};
-pub use run::{BuildRequest, EgressRequest, Progress};
+pub use stages::{rebuild, BuildRequest, EgressRequest, Progress};
 
-use crate::build::artifacts::ArtifactError;
-use crate::build::output::OutputError;
-use crate::build::source::SourceError;
 use crate::egress::EgressError;
 use crate::host_tools::ToolError;
 use crate::image::StoreError;
 use crate::interrupt::Interrupted;
 use crate::logs::section;
 use crate::path_error::PathError;
+use crate::rebuild::artifacts::ArtifactError;
+use crate::rebuild::output::OutputError;
+use crate::rebuild::source::SourceError;
 use crate::vm::VmError;
-use crate::Exit;
 
 /// A build failure, with the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
-pub enum BuildError {
+pub enum RebuildError {
     /// The output directory cannot be used.
     #[error(transparent)]
     Output(#[from] OutputError),
@@ -126,28 +126,4 @@ pub enum BuildError {
     /// Interrupted by a signal.
     #[error(transparent)]
     Interrupted(#[from] Interrupted),
-}
-
-impl BuildError {
-    /// The process exit code for this error.
-    pub fn exit(&self) -> Exit {
-        match self {
-            BuildError::Tool(ToolError::Interrupted(_))
-            | BuildError::Interrupted(_)
-            | BuildError::Source(SourceError::Interrupted(_))
-            | BuildError::Extract(ArtifactError::Interrupted(_)) => Exit::Interrupted,
-            BuildError::Output(_) | BuildError::Io(_) | BuildError::Source(_) | BuildError::ScratchTooSmall { .. } => Exit::Usage,
-            BuildError::Store(e) => e.exit(),
-            BuildError::Tool(ToolError::Missing { .. } | ToolError::TooOld { .. }) => Exit::Usage,
-            BuildError::Vm(e) => e.exit(),
-            BuildError::Tool(_) | BuildError::Prepare { .. } | BuildError::Collect { .. } => Exit::Vm,
-            BuildError::Provision { .. }
-            | BuildError::Command { .. }
-            | BuildError::Timeout { .. }
-            | BuildError::Artifacts { .. }
-            | BuildError::Extract(ArtifactError::Unsafe { .. } | ArtifactError::Archive(_)) => Exit::BuildFailed,
-            BuildError::Extract(ArtifactError::Write(_)) => Exit::Usage,
-            BuildError::Egress(e) => e.exit(),
-        }
-    }
 }

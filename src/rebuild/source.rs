@@ -414,7 +414,7 @@ mod tests {
         let out = dir.path().join("out");
         fs::write(out.join("SHA256SUMS"), "an earlier build's").unwrap();
         let before = SourceTree::scan(dir.path(), &[&out]).unwrap().record(1_700_000_000).unwrap();
-        let staging = crate::build::output::OutputDir::prepare(&out).unwrap();
+        let staging = crate::rebuild::output::OutputDir::prepare(&out).unwrap();
         fs::write(staging.path().join("build.log"), "partial").unwrap();
         assert!(staging.path().starts_with(dir.path()), "the default --out puts the staging directory inside the source");
         let during = SourceTree::scan(dir.path(), &[&out, staging.path()]).unwrap().record(1_700_000_000).unwrap();

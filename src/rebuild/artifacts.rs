@@ -12,9 +12,9 @@ use std::path::{Component, Path, PathBuf};
 
 use indicatif::HumanBytes;
 
-use crate::build::output::OWN_NAMES;
 use crate::image::pin::hash_reader;
 use crate::path_error::{path_error, PathError};
+use crate::rebuild::output::OWN_NAMES;
 use serde::{Deserialize, Serialize};
 
 /// One artifact: where it is (relative to the output directory), its size

@@ -14,7 +14,7 @@ pub use crate::vm::Network;
 use crate::vm::{AccelChoice, MachineSpec};
 
 /// File name of a build recipe beside the sources.
-pub const RECIPE_FILE: &str = "reprovm.toml";
+pub const BUILD_RECIPE_FILE: &str = "reprovm.toml";
 
 /// Default vCPUs, memory and scratch disk when the recipe names none.
 pub const DEFAULT_CPUS: u32 = 2;
@@ -202,7 +202,7 @@ impl From<NetworkAccess> for NetworkField {
 
 /// A recipe that cannot be used (exit code 2).
 #[derive(Debug, thiserror::Error)]
-pub enum RecipeError {
+pub enum BuildRecipeError {
     /// The file could not be read.
     #[error("cannot read build recipe {}", path.display())]
     Read {
@@ -293,7 +293,7 @@ impl BuildRecipe {
     /// network the user granted on the command line (`granted_nat`).
     /// `overridden(field)` says which fields a flag set, which are the
     /// user's own choice.
-    pub fn check_host_limits(&self, path: &Path, granted_nat: bool, overridden: impl Fn(&str) -> bool) -> Result<(), RecipeError> {
+    pub fn check_host_limits(&self, path: &Path, granted_nat: bool, overridden: impl Fn(&str) -> bool) -> Result<(), BuildRecipeError> {
         let asked = [
             self.machine.cpus.map(u64::from),
             self.machine.memory_mib.map(u64::from),
@@ -302,38 +302,38 @@ impl BuildRecipe {
         ];
         for ((field, ceiling, flag), value) in CEILINGS.into_iter().zip(asked) {
             if let Some(value) = value.filter(|v| *v > ceiling && !overridden(field)) {
-                return Err(RecipeError::OverCeiling { path: path.to_path_buf(), field, value, ceiling, flag });
+                return Err(BuildRecipeError::OverCeiling { path: path.to_path_buf(), field, value, ceiling, flag });
             }
         }
         if self.build.network == NetworkAccess::Nat && !granted_nat {
-            return Err(RecipeError::NetworkNotGranted { path: path.to_path_buf() });
+            return Err(BuildRecipeError::NetworkNotGranted { path: path.to_path_buf() });
         }
         Ok(())
     }
 
     /// Reads and validates `path`.
-    pub fn load(path: &Path) -> Result<BuildRecipe, RecipeError> {
+    pub fn load(path: &Path) -> Result<BuildRecipe, BuildRecipeError> {
         Self::parse(&read_recipe(path, true)?, path)
     }
 
     /// Loads `src/reprovm.toml`, the recipe a source tree brings: outside
     /// input, so a symbolic link there (to a host file whose lines a parse
     /// error would quote) is refused, as is anything but a regular file.
-    pub fn load_from_tree(src: &Path) -> Result<BuildRecipe, RecipeError> {
-        let path = src.join(RECIPE_FILE);
+    pub fn load_from_tree(src: &Path) -> Result<BuildRecipe, BuildRecipeError> {
+        let path = src.join(BUILD_RECIPE_FILE);
         Self::parse(&read_recipe(&path, false)?, &path)
     }
 
     /// Parses and validates recipe text; `path` names it in errors.
-    pub fn parse(text: &str, path: &Path) -> Result<BuildRecipe, RecipeError> {
+    pub fn parse(text: &str, path: &Path) -> Result<BuildRecipe, BuildRecipeError> {
         let recipe: BuildRecipe = toml::from_str(text)
-            .map_err(|e| RecipeError::Parse { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() })?;
+            .map_err(|e| BuildRecipeError::Parse { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() })?;
         recipe.validate(path)?;
         Ok(recipe)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), RecipeError> {
-        let bad = |field: &str, value: &dyn std::fmt::Display, expected: &str| RecipeError::Field {
+    fn validate(&self, path: &Path) -> Result<(), BuildRecipeError> {
+        let bad = |field: &str, value: &dyn std::fmt::Display, expected: &str| BuildRecipeError::Field {
             path: path.to_path_buf(),
             field: field.to_string(),
             value: value.to_string(),
@@ -402,11 +402,11 @@ const MAX_RECIPE_BYTES: u64 = 1 << 20;
 /// Reads a recipe file: a regular file of at most [`MAX_RECIPE_BYTES`],
 /// reached through a symbolic link only when `follow_links`. Opened
 /// non-blocking, so that a FIFO cannot stall the open.
-fn read_recipe(path: &Path, follow_links: bool) -> Result<String, RecipeError> {
+fn read_recipe(path: &Path, follow_links: bool) -> Result<String, BuildRecipeError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let read_error = |source| RecipeError::Read { path: path.to_path_buf(), source };
-    let refused = |why: &'static str| RecipeError::Refused { path: path.to_path_buf(), why };
+    let read_error = |source| BuildRecipeError::Read { path: path.to_path_buf(), source };
+    let refused = |why: &'static str| BuildRecipeError::Refused { path: path.to_path_buf(), why };
     let flags = libc::O_NONBLOCK | libc::O_NOCTTY | if follow_links { 0 } else { libc::O_NOFOLLOW };
     let file = match std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path) {
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) && !follow_links => {
@@ -435,13 +435,13 @@ mod tests {
 
     const MINIMAL: &str = "[build]\ncommand = \"make\"\nartifacts = [\"hello\"]\n";
 
-    fn parse(text: &str) -> Result<BuildRecipe, RecipeError> {
+    fn parse(text: &str) -> Result<BuildRecipe, BuildRecipeError> {
         BuildRecipe::parse(text, Path::new("src/reprovm.toml"))
     }
 
     fn field_error(text: &str) -> String {
         match parse(text) {
-            Err(e @ RecipeError::Field { .. }) => e.to_string(),
+            Err(e @ BuildRecipeError::Field { .. }) => e.to_string(),
             other => panic!("expected a field error, got {other:?}"),
         }
     }

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::build::artifacts::{parse_sha256sums, Artifact, BadSums};
-use crate::build::recipe::BuildRecipe;
-use crate::build::source::SourceRecord;
 use crate::egress::{Download, Refusal, Tunnel};
 use crate::guest::GuestFacts;
+use crate::rebuild::artifacts::{parse_sha256sums, Artifact, BadSums};
+use crate::rebuild::recipe::BuildRecipe;
+use crate::rebuild::source::SourceRecord;
 use crate::vm::{LaunchedMachine, Network};
 
 /// Version of the result.json layout.

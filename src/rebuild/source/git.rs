@@ -248,8 +248,8 @@ fn git_error<E: std::fmt::Display>(root: &Path) -> impl FnOnce(E) -> SourceError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::source::test_repo::{commit_all, git, git_last_commit_time, repo_with};
-    use crate::build::source::{SourceKind, SourceTree};
+    use crate::rebuild::source::test_repo::{commit_all, git, git_last_commit_time, repo_with};
+    use crate::rebuild::source::{SourceKind, SourceTree};
 
     fn last_commit_time(dir: &Path) -> Option<i64> {
         SourceTree::scan(dir, &[]).unwrap().last_commit_time
@@ -289,7 +289,7 @@ mod tests {
         commit_all(&repo, 4000, "main: sub");
         let merge = |time: i64| {
             let date = format!("@{time} +0000");
-            let out = crate::build::source::test_repo::git_command(&repo, &["merge", "-q", "--no-ff", "-m", "merge", "side"])
+            let out = crate::rebuild::source::test_repo::git_command(&repo, &["merge", "-q", "--no-ff", "-m", "merge", "side"])
                 .env("GIT_AUTHOR_DATE", &date)
                 .env("GIT_COMMITTER_DATE", &date)
                 .output()
@@ -353,7 +353,7 @@ mod tests {
         let files: Vec<String> = t
             .entries
             .iter()
-            .filter(|e| !matches!(e, crate::build::source::Entry::Dir(_)))
+            .filter(|e| !matches!(e, crate::rebuild::source::Entry::Dir(_)))
             .map(|e| e.path().display().to_string())
             .collect();
         let by_git: Vec<String> = git(&hello, &["-c", "core.fsmonitor=false", "ls-files"])

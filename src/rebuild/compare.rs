@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::build::result::{BuildResult, Record};
 use crate::escape::escape;
+use crate::rebuild::result::{BuildResult, Record};
 
 /// How one artifact compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
