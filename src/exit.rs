@@ -72,6 +72,7 @@ impl ExitCode for Error {
             Error::Io(e) => e.exit(),
             Error::Agreement(AgreementError::List(e)) => e.exit(),
             Error::Corrupt { .. } => Exit::PinMismatch,
+            Error::Facts(_) => Exit::Failed,
             Error::Interrupted(_) => Exit::Interrupted,
             Error::BadPin { .. }
             | Error::NoImage { .. }
@@ -187,7 +188,6 @@ impl ExitCode for VmError {
             | VmError::Stopped { .. }
             | VmError::Qmp(_)
             | VmError::Ssh { .. }
-            | VmError::Facts(_)
             | VmError::Keys(_) => Exit::Failed,
         }
     }
@@ -205,7 +205,7 @@ impl ExitCode for RebuildError {
             RebuildError::Tool(e) => e.exit(),
             RebuildError::Vm(e) => e.exit(),
             RebuildError::Egress(e) => e.exit(),
-            RebuildError::Prepare { .. } | RebuildError::Collect { .. } => Exit::Failed,
+            RebuildError::Prepare { .. } | RebuildError::Collect { .. } | RebuildError::Facts(_) => Exit::Failed,
             RebuildError::Provision { .. }
             | RebuildError::Command { .. }
             | RebuildError::Timeout { .. }

@@ -119,7 +119,7 @@ pub fn run_logged(tool: &'static str, package: &'static str, cmd: &mut Command, 
     if status.success() {
         return Ok(());
     }
-    Err(ToolError::Failed { tool, status, log_tail: crate::logs::tail_of(log, 25) })
+    Err(ToolError::Failed { tool, status, log_tail: crate::diagnostics::tail_of(log, 25) })
 }
 
 /// Runs `tool arg` to see that it exists; returns its output.

@@ -10,6 +10,8 @@ pub mod attest;
 pub mod cli;
 /// Deadlines for everything that waits: the error says what, how long, and the last cause.
 pub mod deadline;
+/// What error reports show of the logs: tails, sections, the guest kernel's panic.
+pub mod diagnostics;
 /// Allow-listed, recorded, replayable network egress: the build's HTTP proxy, download cache, export/import.
 pub mod egress;
 /// Text from outside escaped before it is printed: no control characters reach a terminal.
@@ -24,7 +26,7 @@ pub mod host_tools;
 pub mod image;
 /// SIGINT/SIGTERM: a process-wide flag every stage checks or awaits.
 pub mod interrupt;
-/// Capped logs (build output, serial console) and diagnostics read from the end of files.
+/// Capped logs: the build output and the serial console.
 pub mod logs;
 /// The error for a failed operation on a path, shared by the stages.
 pub mod path_error;

@@ -1,11 +1,11 @@
 //! Logs that outside parties write into (the build's output, the guest's
-//! serial console) and the diagnostics read back from them. A [`CappedLog`]
-//! keeps at most a limit of bytes from the start plus the last part of what
-//! came after, so a build printing gigabytes costs the host a bounded file;
-//! [`tail_of`] reads the end of a file without loading the whole of it.
+//! serial console). A [`CappedLog`] keeps at most a limit of bytes from the
+//! start plus the last part of what came after, so a build printing
+//! gigabytes costs the host a bounded file. What error reports read back
+//! from them is in [`crate::diagnostics`].
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -13,8 +13,6 @@ use std::sync::{Arc, Mutex};
 pub const DEFAULT_LOG_LIMIT_MIB: u64 = 64;
 /// The most of the end of a capped log that is kept beyond the cap.
 const KEPT_TAIL: usize = 1 << 20;
-/// How much of a file's end [`tail_of`] reads.
-const TAIL_WINDOW: u64 = 64 << 10;
 
 /// A log file that stops growing at `limit` bytes. What comes after is
 /// counted, and its last part (up to 1 MiB) is appended, after a line saying
@@ -96,34 +94,6 @@ impl SharedLog {
     }
 }
 
-/// The last `lines` lines of a text file (empty if unreadable), read from
-/// its last 64 KiB however large it is. Not escaped: the error report
-/// escapes everything it prints.
-pub fn tail_of(path: &Path, lines: usize) -> String {
-    let Ok(mut file) = File::open(path) else { return String::new() };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(TAIL_WINDOW);
-    let mut bytes = Vec::new();
-    if file.seek(SeekFrom::Start(start)).is_err() || file.take(TAIL_WINDOW).read_to_end(&mut bytes).is_err() {
-        return String::new();
-    }
-    let text = String::from_utf8_lossy(&bytes);
-    let mut all: Vec<&str> = text.lines().collect();
-    if start > 0 && !all.is_empty() {
-        all.remove(0); // a partial first line
-    }
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// `body` under a `--- title ---` line, for error messages (empty when `body` is).
-pub fn section(title: &str, body: &str) -> String {
-    if body.trim().is_empty() {
-        String::new()
-    } else {
-        format!("\n--- {title} ---\n{}", body.trim_end())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,17 +126,5 @@ mod tests {
         log.append(b"one\ntwo\n").unwrap();
         drop(log);
         assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\n");
-    }
-
-    #[test]
-    fn tail_reads_only_the_end_of_a_large_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("big");
-        let mut f = File::create(&path).unwrap();
-        for i in 0..200_000 {
-            writeln!(f, "line {i}").unwrap();
-        }
-        assert_eq!(tail_of(&path, 2), "line 199998\nline 199999");
-        assert_eq!(tail_of(&dir.path().join("missing"), 2), "");
     }
 }

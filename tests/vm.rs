@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{
     assert_nothing_left, reprovm_vm, reprovm_vm_wrapped, signal, spawn_with_stderr_lines, test_image, text, wait_for_line, TestEnv,
 };
-use reprovm::guest::{GuestError, GuestSession, RunKeys};
+use reprovm::guest::{FirstContact, GuestError, GuestSession, RunKeys};
 use reprovm::image::Store;
 use reprovm::vm::{AccelChoice, BootOptions, Machine, MachineSpec, Network};
 
@@ -197,15 +197,7 @@ async fn boot_test_machine(env: &TestEnv, cpus: u32, memory_mib: u32) -> Machine
 /// Runs `command` as root over the machine's session; its status, stdout
 /// and stderr.
 async fn exec_capture(machine: &mut Machine, command: &'static str) -> (i32, String, String) {
-    let session = machine.take_session().unwrap();
-    let (session, result) = tokio::task::spawn_blocking(move || {
-        let r = session.exec_capture(command);
-        (session, r)
-    })
-    .await
-    .unwrap();
-    machine.put_session(session);
-    result.unwrap()
+    machine.with_session(move |session| session.exec_capture(command)).await.unwrap()
 }
 
 /// One booted builder shared by several checks: QMP against the real QEMU,
@@ -221,12 +213,15 @@ fn one_builder_qmp_host_key_facts_and_stop() {
         let (running, state) = machine.qmp().status().await.unwrap();
         assert!(running && state == "running", "{state}");
         assert!(machine.qmp().version().await.unwrap().starts_with(char::is_numeric));
-        // The pinned machine as the guest sees it.
-        assert_eq!(machine.facts.nproc, 2);
-        assert_eq!(machine.facts.hostname, "builder");
-        assert!(machine.facts.cpu_model.contains("Nehalem"), "{}", machine.facts.cpu_model);
-        assert!(machine.guest_clock >= 1_700_000_000 && machine.guest_clock < 1_700_000_000 + 600);
-        assert!(machine.facts.memory_kib > 900_000 && machine.facts.memory_kib <= 1024 * 1024);
+        // The pinned machine as the guest sees it, and its clock checked.
+        let started = machine.qemu_started;
+        let contact = machine.with_session(move |session| FirstContact::take(session, 1_700_000_000, started)).await.unwrap();
+        let facts = &contact.facts;
+        assert_eq!(facts.nproc, 2);
+        assert_eq!(facts.hostname, "builder");
+        assert!(facts.cpu_model.contains("Nehalem"), "{}", facts.cpu_model);
+        assert!(contact.clock >= 1_700_000_000 && contact.clock < 1_700_000_000 + 600);
+        assert!(facts.memory_kib > 900_000 && facts.memory_kib <= 1024 * 1024);
         // Only the host key made for this run is accepted.
         let port = machine.ssh_port();
         let impostor_view =
@@ -242,8 +237,8 @@ fn one_builder_qmp_host_key_facts_and_stop() {
         let (status, programs, _) =
             exec_capture(&mut machine, "uname -a; nproc; hostname; date -u +%s; cat /proc/meminfo /proc/cpuinfo").await;
         let by_programs = reprovm::guest::GuestFacts::parse(status, &programs).unwrap();
-        assert_eq!(by_programs.facts, machine.facts, "the facts as uname, nproc, hostname and cat give them");
-        assert!((by_programs.clock - machine.guest_clock).abs() < 60);
+        assert_eq!(by_programs.facts, contact.facts, "the facts as uname, nproc, hostname and cat give them");
+        assert!((by_programs.clock - contact.clock).abs() < 60);
         let run_dir = machine.run_dir().to_path_buf();
         let stopping = Instant::now();
         machine.stop(None).await;

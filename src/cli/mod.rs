@@ -314,6 +314,9 @@ pub enum Error {
     /// The attestations directory cannot be listed.
     #[error(transparent)]
     Agreement(#[from] crate::attest::agreement::AgreementError),
+    /// The guest's facts could not be taken, or its clock moved.
+    #[error(transparent)]
+    Facts(#[from] crate::guest::FactsError),
     /// Interrupted by a signal.
     #[error(transparent)]
     Interrupted(#[from] Interrupted),

@@ -6,11 +6,11 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use crate::cli::{parse_pin, Error, MachineArgs};
+use crate::diagnostics::tail_of;
 use crate::escape::EscapingWriter;
 use crate::guest::session::as_build_user;
-use crate::guest::{GuestError, GuestSession};
+use crate::guest::{FirstContact, GuestError, GuestSession};
 use crate::image::{OpenImage, Pin, Store};
-use crate::logs::tail_of;
 use crate::rebuild::recipe::MachineSection;
 use crate::vm::{AccelChoice, BootOptions, Machine, Network, VmError};
 
@@ -59,7 +59,12 @@ async fn boot(args: &MachineArgs) -> Result<Machine, Error> {
     // The hash runs while QEMU starts and the kernel boots (Machine::boot
     // waits for it before the first command).
     let (image, check) = tokio::task::spawn_blocking(move || store.open_checking(pin)).await.expect("open thread panicked")?;
-    Ok(Machine::boot(&image, check, &boot_options(args, &image)).await?)
+    let opts = boot_options(args, &image);
+    let mut machine = Machine::boot(&image, check, &opts).await?;
+    // The clock check every build makes, before the user's command.
+    let (pinned, started) = (opts.spec.clock, machine.qemu_started);
+    machine.with_session(move |session| FirstContact::take(session, pinned, started)).await?;
+    Ok(machine)
 }
 
 /// Runs `work` with the machine's SSH session on a blocking thread (ssh2
@@ -68,15 +73,8 @@ async fn in_session(
     mut machine: Machine,
     work: impl FnOnce(&GuestSession) -> Result<i32, GuestError> + Send + 'static,
 ) -> Result<u8, Error> {
-    let session = machine.take_session().expect("a booted machine has a session");
-    let (session, status) = tokio::task::spawn_blocking(move || {
-        let status = work(&session);
-        (session, status)
-    })
-    .await
-    .expect("SSH thread panicked");
-    machine.put_session(session);
-    let status = status.map_err(|source| VmError::Ssh { serial_tail: tail_of(machine.serial_log(), 30), source })?;
+    let status =
+        machine.with_session(work).await.map_err(|source| VmError::Ssh { serial_tail: tail_of(machine.serial_log(), 30), source })?;
     machine.stop(None).await;
     Ok(u8::try_from(status).unwrap_or(255))
 }

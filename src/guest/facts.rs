@@ -1,5 +1,6 @@
 //! What the guest reports about itself at first contact: kernel, vCPUs, CPU
-//! model and flags, memory, hostname, clock. Kept for the result, and used to
+//! model and flags, memory, hostname, clock. Taken by the commands once the
+//! builder booted ([`FirstContact::take`]), kept for the result, and used to
 //! fail loudly when something moved the pinned clock.
 
 use serde::{Deserialize, Serialize};
@@ -126,7 +127,26 @@ impl GuestFacts {
     }
 }
 
+/// How many seconds the guest clock may run ahead of the pinned clock plus
+/// the time QEMU has run.
+const CLOCK_SLACK: i64 = 30;
+
 impl FirstContact {
+    /// Collects the facts over `session` and checks the guest clock against
+    /// `pinned`, the clock QEMU was started with at `qemu_started`.
+    pub fn take(session: &GuestSession, pinned: i64, qemu_started: std::time::Instant) -> Result<FirstContact, FactsError> {
+        let contact = GuestFacts::collect(session)?;
+        contact.check_clock(pinned, qemu_started.elapsed().as_secs() as i64, CLOCK_SLACK)?;
+        tracing::debug!(
+            "guest facts: {} vCPUs, {} KiB, {}, clock {}",
+            contact.facts.nproc,
+            contact.facts.memory_kib,
+            crate::escape::escape(&contact.facts.cpu_model),
+            contact.clock
+        );
+        Ok(contact)
+    }
+
     /// Fails unless the guest clock lies between the pinned clock and the
     /// pinned clock plus the time the VM has run (with `slack` seconds).
     pub fn check_clock(&self, pinned: i64, elapsed: i64, slack: i64) -> Result<(), FactsError> {

@@ -11,14 +11,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::deadline::Deadline;
+use crate::diagnostics::tail_of;
 use crate::escape::{escape, EscapingWriter};
 use crate::guest::provision::{ARCHIVE_ARTIFACTS, COLLECT_ARTIFACTS, PREPARE_BUILD};
 use crate::guest::session::BUILD_USER;
 use crate::guest::{GuestError, GuestSession};
-use crate::logs::{tail_of, CappedLog, SharedLog};
+use crate::logs::{CappedLog, SharedLog};
 use crate::path_error::path_error;
 use crate::rebuild::recipe::BuildRecipe;
-use crate::rebuild::stages::{blocking, BuildRequest};
+use crate::rebuild::stages::BuildRequest;
 use crate::rebuild::RebuildError;
 use crate::vm::{Machine, Network, VmError, EGRESS_PROXY};
 
@@ -220,14 +221,7 @@ pub(super) async fn in_guest<T: Send + 'static>(
     serial_copy: &Path,
     step: impl FnOnce(&GuestSession) -> Result<T, RebuildError> + Send + 'static,
 ) -> Result<T, RebuildError> {
-    let session = machine.take_session().expect("a booted machine has a session");
-    let (session, outcome) = blocking(move || {
-        let outcome = step(&session);
-        (session, outcome)
-    })
-    .await;
-    machine.put_session(session);
-    let e = match outcome {
+    let e = match machine.with_session(step).await {
         Ok(value) => return Ok(value),
         Err(e) => e,
     };

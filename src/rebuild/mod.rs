@@ -15,11 +15,12 @@ pub use recipe::{BuildRecipe, BuildRecipeError, BUILD_RECIPE_FILE};
 pub use result::{BuildResult, Record, RecordError};
 pub use stages::{rebuild, BuildRequest, EgressRequest, Progress};
 
+use crate::diagnostics::section;
 use crate::egress::EgressError;
+use crate::guest::FactsError;
 use crate::host_tools::ToolError;
 use crate::image::StoreError;
 use crate::interrupt::Interrupted;
-use crate::logs::section;
 use crate::path_error::PathError;
 use crate::rebuild::artifacts::ArtifactError;
 use crate::rebuild::output::OutputError;
@@ -123,6 +124,9 @@ pub enum RebuildError {
     /// download does not match its record.
     #[error(transparent)]
     Egress(#[from] EgressError),
+    /// The guest's facts could not be taken, or its clock moved.
+    #[error(transparent)]
+    Facts(#[from] FactsError),
     /// Interrupted by a signal.
     #[error(transparent)]
     Interrupted(#[from] Interrupted),

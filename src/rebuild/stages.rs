@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::egress::{AllowedHost, Download, DownloadCache, EgressMode, EgressPolicy, Proxy, DEFAULT_DOWNLOAD_LIMIT};
 use crate::escape::escape;
-use crate::guest::GuestFacts;
+use crate::guest::{FirstContact, GuestFacts};
 use crate::host_tools::{make_ext4, Ext4Spec};
 use crate::image::{ImageCheck, OpenImage, Pin, Store};
 use crate::path_error::path_error;
@@ -85,7 +85,7 @@ pub trait Progress: Send + Sync {
 }
 
 /// Runs `what` on a blocking thread (hashing, archiving, SSH).
-pub(super) async fn blocking<T: Send + 'static>(what: impl FnOnce() -> T + Send + 'static) -> T {
+async fn blocking<T: Send + 'static>(what: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(what).await.expect("a build thread panicked")
 }
 
@@ -317,8 +317,11 @@ async fn guest_stages(
     progress: &dyn Progress,
     timings: &mut Timings,
 ) -> Result<(LaunchedMachine, GuestFacts, Vec<Artifact>), RebuildError> {
-    let (mut machine, _) = stage(progress, "booting the builder", false, async {
-        let machine = Machine::boot(image, check, opts).await?;
+    let serial_copy = output.path().join("serial.log");
+    let (mut machine, contact) = stage(progress, "booting the builder", false, async {
+        let mut machine = Machine::boot(image, check, opts).await?;
+        let (pinned, started) = (opts.spec.clock, machine.qemu_started);
+        let contact = in_guest(&mut machine, &serial_copy, move |session| Ok(FirstContact::take(session, pinned, started)?)).await?;
         let summary = format!(
             "builder booted under {} in {:.1}s, SSH ready; image {} verified meanwhile ({:.1}s)",
             machine.launched.accelerator.as_str(),
@@ -326,14 +329,14 @@ async fn guest_stages(
             image.stored.pin,
             machine.image_check.as_secs_f64()
         );
-        Ok((machine, summary))
+        Ok(((machine, contact), summary))
     })
-    .await?;
+    .await?
+    .0;
     timings.boot = machine.boot_time.as_secs_f64();
     timings.image_verify = machine.image_check.as_secs_f64();
 
     tracing::info!("building: {}", escape(&req.recipe.build.command));
-    let serial_copy = output.path().join("serial.log");
     let (outcome, _) = stage(progress, "building", true, async {
         let (req, epoch, log_path) = (req.clone(), prepared.epoch, output.path().join("build.log"));
         let outcome = in_guest(&mut machine, &serial_copy, move |session| guest_build(session, &req, epoch, &log_path)).await?;
@@ -344,7 +347,7 @@ async fn guest_stages(
     timings.prepare = outcome.prepare.as_secs_f64();
     timings.build = outcome.build.as_secs_f64();
 
-    let (launched, facts) = (machine.launched.clone(), machine.facts.clone());
+    let (launched, facts) = (machine.launched.clone(), contact.facts);
     let (artifacts, took) = stage(progress, "fetching the artifacts", false, async {
         let collect_limit = Duration::from_secs(req.recipe.build.timeout_secs);
         in_guest(&mut machine, &serial_copy, move |session| guest_collect(session, collect_limit)).await?;

@@ -18,10 +18,11 @@ use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
 use crate::deadline::{Deadline, Timeout};
-use crate::guest::{FactsError, GuestError, GuestFacts, GuestSession, RunKeys};
+use crate::diagnostics::{panic_report, section, tail_of};
+use crate::guest::{GuestError, GuestSession, RunKeys};
 use crate::image::bundle;
 use crate::image::{ImageCheck, OpenImage, StoreError};
-use crate::logs::{section, tail_of, CappedLog};
+use crate::logs::CappedLog;
 use crate::path_error::{path_error, PathError};
 use crate::process::Supervised;
 use crate::vm::accel::{candidates, probe_kvm, AccelChoice};
@@ -176,9 +177,6 @@ pub enum VmError {
         #[source]
         source: GuestError,
     },
-    /// The guest facts could not be collected or the clock moved.
-    #[error(transparent)]
-    Facts(#[from] FactsError),
     /// Key generation failed.
     #[error(transparent)]
     Keys(#[from] crate::guest::keys::KeyError),
@@ -203,10 +201,8 @@ pub struct Machine {
     serial_log: PathBuf,
     /// The machine as launched.
     pub launched: LaunchedMachine,
-    /// What the guest said about itself at first contact.
-    pub facts: GuestFacts,
-    /// The guest clock at first contact (seconds since 1970).
-    pub guest_clock: i64,
+    /// When QEMU started (the guest clock runs from then).
+    pub qemu_started: Instant,
     /// How long the boot took, up to the authenticated session.
     pub boot_time: Duration,
     /// How long the image's hash took (on its own thread, during the boot).
@@ -386,11 +382,6 @@ impl Machine {
             .expect("hash thread panicked")
             .map_err(|e| VmError::Image(Box::new(e)))?;
         tracing::info!("image {} verified in {:.2}s, while the builder booted", image.stored.pin, image_check.as_secs_f64());
-        let (session, facts) = tokio::task::spawn_blocking(move || GuestFacts::collect(&session).map(|f| (session, f)))
-            .await
-            .expect("facts thread panicked")?;
-        facts.check_clock(opts.spec.clock, started.elapsed().as_secs() as i64, 30)?;
-        let (facts, guest_clock) = (facts.facts, facts.clock);
         let version = qmp.version().await?;
         let launched = LaunchedMachine {
             qemu_binary: opts.qemu.clone(),
@@ -414,8 +405,7 @@ impl Machine {
             ssh_port,
             serial_log,
             launched,
-            facts,
-            guest_clock,
+            qemu_started: started,
             boot_time,
             image_check,
             serial,
@@ -443,15 +433,24 @@ impl Machine {
         &self.serial_log
     }
 
-    /// Takes the SSH session (to move it to a blocking thread); give it back
-    /// with [`Machine::put_session`].
-    pub fn take_session(&mut self) -> Option<GuestSession> {
-        self.session.take()
+    /// Runs `work` with the SSH session on a blocking thread (ssh2 blocks)
+    /// and keeps the session for the next step.
+    pub async fn with_session<T: Send + 'static>(&mut self, work: impl FnOnce(&GuestSession) -> T + Send + 'static) -> T {
+        let session = self.session.take().expect("a booted machine has a session");
+        let (session, value) = tokio::task::spawn_blocking(move || {
+            let value = work(&session);
+            (session, value)
+        })
+        .await
+        .expect("SSH thread panicked");
+        self.session = Some(session);
+        value
     }
 
-    /// Returns the SSH session taken with [`Machine::take_session`].
-    pub fn put_session(&mut self, session: GuestSession) {
-        self.session = Some(session);
+    /// Takes the SSH session for good (a step that never gives it back,
+    /// such as one that crashes the guest).
+    pub fn take_session(&mut self) -> Option<GuestSession> {
+        self.session.take()
     }
 
     /// Why the VM is no longer usable, if it is not: QEMU exited, the guest
@@ -661,15 +660,6 @@ impl ConsoleWatchdog {
         let silent = now.saturating_duration_since(self.last_progress);
         (silent >= self.limit).then_some(silent)
     }
-}
-
-/// The serial console from the kernel's panic message on (at most 40
-/// lines), or `None` when the guest did not panic.
-fn panic_report(serial_log: &Path) -> Option<String> {
-    let text = fs::read(serial_log).map(|b| String::from_utf8_lossy(&b).into_owned()).ok()?;
-    let start = text.rfind("Kernel panic - not syncing")?;
-    let start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    Some(text[start..].lines().take(40).collect::<Vec<_>>().join("\n"))
 }
 
 /// `Err` when QEMU exited or QMP reported a panic or a stop.
