@@ -93,5 +93,5 @@ fn exit_130_sigint_while_a_download_waits() {
     let _held = listener.accept().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     common::signal(&child, nix::sys::signal::Signal::SIGINT);
-    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert_eq!(child.wait_within(Duration::from_secs(120)).code(), Some(130));
 }

@@ -11,11 +11,13 @@ mod common;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{assert_nothing_left, qemu_processes_mentioning, reprovm_vm, signal, spawn_with_stderr_lines, text, wait_for_line, TestEnv};
+use common::{
+    assert_nothing_left, qemu_processes_mentioning, reprovm_vm, signal, spawn_with_stderr_lines, text, wait_for_line, Spawned, TestEnv,
+};
 
 /// A plain source tree `name` whose reprovm.toml is a small machine (plus
 /// `machine` lines) and `build` (the `[build]` section).
@@ -42,7 +44,7 @@ fn stray_outputs(out: &Path) -> Vec<String> {
 }
 
 /// `reprovm build` with stderr lines sent to a channel.
-fn spawn_build(env: &TestEnv, src: &Path, out: &Path) -> (Child, mpsc::Receiver<String>) {
+fn spawn_build(env: &TestEnv, src: &Path, out: &Path) -> (Spawned, mpsc::Receiver<String>) {
     spawn_with_stderr_lines(reprovm_vm(&env.tmp).arg("build").arg(src).arg("--out").arg(out))
 }
 
@@ -150,7 +152,7 @@ fn faults_end_with_the_right_code_a_message_and_nothing_left() {
     let qemu = qemu_processes_mentioning(&env.tmp.display().to_string());
     assert_eq!(qemu.len(), 1);
     Command::new("pkill").arg("-KILL").arg("-f").arg(env.tmp.join("reprovm-run-").display().to_string()).status().unwrap();
-    let status = child.wait().unwrap();
+    let status = child.wait_within(Duration::from_secs(120));
     let err = rest(&rx);
     assert_eq!(status.code(), Some(4), "{err}");
     assert!(err.contains("QEMU exited"), "{err}");
@@ -175,7 +177,7 @@ fn faults_end_with_the_right_code_a_message_and_nothing_left() {
         }
         std::thread::sleep(Duration::from_millis(delay_ms));
         signal(&child, sig);
-        let status = child.wait().unwrap();
+        let status = child.wait_within(Duration::from_secs(120));
         let err = rest(&rx);
         assert_eq!(status.code(), Some(130), "{stage}: {err}");
         assert!(err.contains("interrupted by"), "{stage}: {err}");
@@ -194,7 +196,7 @@ fn faults_end_with_the_right_code_a_message_and_nothing_left() {
     // on its own thread), and for about two seconds: half a second in.
     std::thread::sleep(Duration::from_millis(500));
     signal(&child, SIGINT);
-    let status = child.wait().unwrap();
+    let status = child.wait_within(Duration::from_secs(120));
     let err = rest(&rx);
     assert_eq!(status.code(), Some(130), "source upload: {err}");
     assert!(!err.contains("source archived"), "the signal came too late to test the source stage: {err}");
@@ -271,7 +273,7 @@ fn hostile_builds_are_refused_or_contained() {
 fn four_concurrent_builds_of_hello_agree() {
     let env = TestEnv::new();
     let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
-    let children: Vec<(PathBuf, Child)> = (0..4)
+    let children: Vec<(PathBuf, std::process::Child)> = (0..4)
         .map(|i| {
             let out = env.path().join(format!("out{i}"));
             let child = reprovm_vm(&env.tmp)

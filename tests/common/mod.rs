@@ -113,10 +113,57 @@ pub fn assert_nothing_left(env: &TestEnv, what: &str) {
     assert!(env.leftovers().is_empty(), "{what}: left behind in TMPDIR: {:?}", env.leftovers());
 }
 
+/// A spawned reprovm that cannot outlive its test: dropped while it still
+/// runs (the test failed or panicked), it is killed and reaped, and its QEMU
+/// dies with it (PDEATHSIG). Waits have a limit.
+pub struct Spawned(Child);
+
+impl Spawned {
+    /// Spawns `cmd`.
+    pub fn new(cmd: &mut Command) -> Spawned {
+        Spawned(cmd.spawn().unwrap())
+    }
+
+    /// Its exit status; fails the test (and the drop kills it) when it is
+    /// still running after `limit`.
+    pub fn wait_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < limit, "reprovm still running after {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Spawns `cmd` with stdout discarded and its stderr lines sent to the
 /// returned channel.
-pub fn spawn_with_stderr_lines(cmd: &mut Command) -> (Child, mpsc::Receiver<String>) {
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+pub fn spawn_with_stderr_lines(cmd: &mut Command) -> (Spawned, mpsc::Receiver<String>) {
+    let mut child = Spawned::new(cmd.stdout(Stdio::null()).stderr(Stdio::piped()));
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
