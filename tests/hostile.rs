@@ -414,6 +414,28 @@ fn processes_the_build_leaves_behind_cannot_race_the_collection() {
     assert_nothing_left(&env, "");
 }
 
+/// The build plants FIFOs at every name the collection of old would have
+/// written its file list to in /tmp, hoping to hang it there until the
+/// build's limit: the collection's name cannot be guessed, and the build
+/// ends at once.
+#[test]
+#[ignore = "boots a VM: run through scripts/test"]
+fn fifos_planted_for_the_collections_list_cannot_hang_it() {
+    let env = TestEnv::new();
+    let src = tree(
+        &env,
+        "planter",
+        "[build]\ntimeout_secs = 60\ncommand = \"\"\"\nmkfifo $(seq -f /tmp/reprovm-artifacts.%g 1 5000)\necho ok > out.txt\n\"\"\"\nartifacts = [\"out.txt\"]\n",
+    );
+    let out = env.path().join("out");
+    let start = std::time::Instant::now();
+    let (stdout, err, code) = text(&reprovm_vm(&env.tmp).arg("build").arg(&src).arg("--out").arg(&out).output().unwrap());
+    assert_eq!(code, 0, "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(50), "the collection waited on a planted FIFO");
+    assert!(stdout.ends_with("  out.txt\n"), "{stdout}");
+    assert_nothing_left(&env, "");
+}
+
 /// A plain (non-git) tree built twice with the default --out (inside the
 /// tree): the same source hash both times.
 #[test]
