@@ -218,6 +218,23 @@ artifacts = ["*.txt", "deep"]
     let result: serde_json::Value = serde_json::from_str(&read("result.json")).unwrap();
     assert_eq!(result["inputs"]["source"]["kind"], "tree");
     assert_eq!(result["inputs"]["source_date_epoch_from"], "clock");
+
+    // `reprovm run` (and so `shell`) runs commands exactly as the build did:
+    // the same user, directory, umask and environment (SOURCE_DATE_EPOCH is
+    // the machine's clock there, as it was for this build without git).
+    let (run_out, err, code) = text(
+        &reprovm_vm(&env.tmp)
+            .args(["run", "--cpus", "1", "--memory", "512", "--", "sh", "-c", "env | sort; umask; id; pwd"])
+            .env("TZ", "Pacific/Kiritimati")
+            .env("CFLAGS", "-march=native")
+            .current_dir("/")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let build_saw: String = env_txt.lines().filter(|l| !l.starts_with("EXTRA=")).map(|l| format!("{l}\n")).collect();
+    let expected = format!("{build_saw}{}{}{}", read("umask.txt"), read("id.txt"), read("pwd.txt"));
+    assert_eq!(run_out, expected, "reprovm run must see what the build saw");
     assert_nothing_left(&env, "");
 }
 

@@ -18,25 +18,7 @@ pub async fn execute(cmd: ImageCommand) -> Result<Exit, Error> {
 fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
     let store = Store::from_env()?;
     match cmd {
-        ImageCommand::Build { recipe_dir, out, mirror } => {
-            // Without a directory: the built-in default recipe, written out
-            // as it lies in reprovm's source.
-            let built_in;
-            let recipe_dir = match recipe_dir {
-                Some(dir) => dir,
-                None => {
-                    tracing::info!("building the default image recipe built into reprovm ({DEFAULT_RECIPE_DIR} of its source)");
-                    built_in = tempfile::tempdir().map_err(path_error("create a directory in", &std::env::temp_dir()))?;
-                    write_default_recipe(built_in.path())?
-                }
-            };
-            let spinner = crate::terminal::spinner("building the image (mmdebstrap, then the ext4 root and the bundle)…");
-            let built = build_image(&recipe_dir, &BuildOptions { out, mirror }, &store);
-            spinner.finish_and_clear();
-            let image = built?;
-            tracing::info!("image {} ({} bytes) is in the store", image.pin, image.size);
-            println!("{}", image.pin);
-        }
+        ImageCommand::Build { recipe_dir, out, mirror } => build(&store, recipe_dir, BuildOptions { out, mirror })?,
         ImageCommand::Import { file, sha256 } => {
             let expected = sha256.as_deref().map(|v| parse_pin("--sha256", v)).transpose()?;
             let image = store.import(&file, expected)?;
@@ -61,37 +43,58 @@ fn run_blocking(cmd: ImageCommand) -> Result<Exit, Error> {
             let image = fetch_image(&url, expected, &store)?;
             println!("{}", image.pin);
         }
-        ImageCommand::List { json } => {
-            let images = store.list()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list_json(&images)).expect("JSON values serialize"));
-            } else {
-                print!("{}", list_table(&images));
-            }
+        ImageCommand::List { json: true } => {
+            println!("{}", serde_json::to_string_pretty(&list_json(&store.list()?)).expect("JSON values serialize"))
         }
-        ImageCommand::Verify { pin } => {
-            let pins = match pin {
-                Some(p) => vec![parse_pin("PIN", &p)?],
-                None => store.list()?.into_iter().map(|i| i.pin).collect(),
-            };
-            let mut corrupt = 0;
-            for pin in pins {
-                match store.open_verified(pin) {
-                    Ok(_) => println!("ok       {pin}"),
-                    Err(e @ StoreError::PinMismatch { .. }) => {
-                        corrupt += 1;
-                        println!("CORRUPT  {pin}");
-                        crate::cli::report(&e);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            if corrupt > 0 {
-                return Err(Error::Corrupt { count: corrupt });
-            }
-        }
+        ImageCommand::List { json: false } => print!("{}", list_table(&store.list()?)),
+        ImageCommand::Verify { pin } => verify(&store, pin)?,
     }
     Ok(Exit::Ok)
+}
+
+/// `image build [DIR]`; without a directory, the built-in default recipe,
+/// written out as it lies in reprovm's source.
+fn build(store: &Store, recipe_dir: Option<std::path::PathBuf>, opts: BuildOptions) -> Result<(), Error> {
+    let built_in;
+    let recipe_dir = match recipe_dir {
+        Some(dir) => dir,
+        None => {
+            tracing::info!("building the default image recipe built into reprovm ({DEFAULT_RECIPE_DIR} of its source)");
+            built_in = tempfile::tempdir().map_err(path_error("create a directory in", &std::env::temp_dir()))?;
+            write_default_recipe(built_in.path())?
+        }
+    };
+    let spinner = crate::terminal::spinner("building the image (mmdebstrap, then the ext4 root and the bundle)…");
+    let built = build_image(&recipe_dir, &opts, store);
+    spinner.finish_and_clear();
+    let image = built?;
+    tracing::info!("image {} ({} bytes) is in the store", image.pin, image.size);
+    println!("{}", image.pin);
+    Ok(())
+}
+
+/// `image verify [PIN]`: every image (or the one named) hashed again.
+fn verify(store: &Store, pin: Option<String>) -> Result<(), Error> {
+    let pins = match pin {
+        Some(p) => vec![parse_pin("PIN", &p)?],
+        None => store.list()?.into_iter().map(|i| i.pin).collect(),
+    };
+    let mut corrupt = 0;
+    for pin in pins {
+        match store.open_verified(pin) {
+            Ok(_) => println!("ok       {pin}"),
+            Err(e @ StoreError::PinMismatch { .. }) => {
+                corrupt += 1;
+                println!("CORRUPT  {pin}");
+                crate::cli::report(&e);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if corrupt > 0 {
+        return Err(Error::Corrupt { count: corrupt });
+    }
+    Ok(())
 }
 
 /// `image list --json`: one object per bundle.

@@ -1,5 +1,7 @@
 //! `reprovm run` and `reprovm shell`: boot the verified builder, run one
-//! command (or an interactive shell) as the unprivileged build user, tear down.
+//! command (or an interactive shell) as the unprivileged build user, in the
+//! build's directory with the build's environment (SOURCE_DATE_EPOCH is the
+//! machine's clock), tear down.
 
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use crate::cli::{parse_pin, Error, MachineArgs};
 use crate::diagnostics::tail_of;
 use crate::escape::EscapingWriter;
-use crate::guest::session::as_build_user;
+use crate::guest::contract::{environment, user_command, GuestUser};
 use crate::guest::{FirstContact, GuestError, GuestSession};
 use crate::image::{OpenImage, Pin, Store};
 use crate::rebuild::recipe::MachineSection;
@@ -53,7 +55,9 @@ pub fn boot_options(args: &MachineArgs, image: &OpenImage) -> BootOptions {
     }
 }
 
-async fn boot(args: &MachineArgs) -> Result<Machine, Error> {
+/// Boots the builder; returns it and the command line that runs `command`
+/// there as the build user, with the build's environment and `extra`.
+async fn boot(args: &MachineArgs, command: &str, extra: &[(String, String)]) -> Result<(Machine, String), Error> {
     let store = Store::from_env()?;
     let pin = resolve_image(&store, args.image.as_deref(), None)?;
     // The hash runs while QEMU starts and the kernel boots (Machine::boot
@@ -64,7 +68,7 @@ async fn boot(args: &MachineArgs) -> Result<Machine, Error> {
     // The clock check every build makes, before the user's command.
     let (pinned, started) = (opts.spec.clock, machine.qemu_started);
     machine.with_session(move |session| FirstContact::take(session, pinned, started)).await?;
-    Ok(machine)
+    Ok((machine, user_command(command, &environment(GuestUser::Build, pinned, extra), GuestUser::Build)))
 }
 
 /// Runs `work` with the machine's SSH session on a blocking thread (ssh2
@@ -82,9 +86,8 @@ async fn in_session(
 /// `reprovm run -- CMD...`: exits with CMD's status.
 pub async fn run_command(args: MachineArgs, command: Vec<String>) -> Result<u8, Error> {
     let line = shlex::try_join(command.iter().map(String::as_str)).map_err(|_| Error::BadCommand)?;
-    let wrapped = as_build_user(&line);
-    let machine = boot(&args).await?;
-    in_session(machine, move |session| session.exec(&wrapped, &mut to_terminal(io::stdout()), &mut to_terminal(io::stderr()))).await
+    let (machine, line) = boot(&args, &line, &[]).await?;
+    in_session(machine, move |session| session.exec(&line, &mut to_terminal(io::stdout()), &mut to_terminal(io::stderr()))).await
 }
 
 /// `stream` itself when it goes to a file or a pipe (the guest's bytes
@@ -133,14 +136,15 @@ fn terminal_size() -> (u32, u32) {
     }
 }
 
-/// `reprovm shell`: an interactive PTY shell as the build user.
+/// `reprovm shell`: an interactive bash on a PTY as the build user (the
+/// build's environment, and the terminal's TERM).
 pub async fn shell(args: MachineArgs) -> Result<u8, Error> {
     let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
-    let machine = boot(&args).await?;
+    let (machine, line) = boot(&args, "exec bash", &[("TERM".into(), term.clone())]).await?;
     in_session(machine, move |session| {
         let raw = io::stdin().is_terminal().then(RawTerminal::enable);
         let stdin = io::stdin();
-        let status = session.shell(&term, terminal_size(), stdin.as_fd(), &mut io::stdout());
+        let status = session.exec_on_pty(&line, &term, terminal_size(), stdin.as_fd(), &mut io::stdout());
         drop(raw);
         let _ = io::stdout().flush();
         status

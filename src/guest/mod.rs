@@ -1,7 +1,9 @@
-//! The guest stage: per-run SSH keys, the authenticated session with the
-//! builder (exec with streamed output, interactive shell), guest facts, and
-//! the provision/ scripts built into the binary.
+//! The guest stage: the guest contract (what host and builder agree on),
+//! per-run SSH keys, the authenticated session with the builder (exec with
+//! streamed output, interactive shell), guest facts, and the provision/
+//! scripts built into the binary.
 
+pub mod contract;
 pub mod facts;
 pub mod keys;
 pub mod provision;

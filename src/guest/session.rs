@@ -13,7 +13,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use crate::deadline::{Deadline, Timeout};
 use crate::guest::keys::RunKeys;
 
-/// The user sessions log in as; commands are then run as [`BUILD_USER`].
+/// The user sessions log in as; commands are then run as the contract's
+/// build user.
 const LOGIN_USER: &str = "root";
 /// The most a captured stream keeps (reports and facts are kilobytes).
 pub const CAPTURE_LIMIT: usize = 16 << 20;
@@ -32,8 +33,6 @@ impl Write for Capture {
         Ok(())
     }
 }
-/// The unprivileged user commands run as.
-pub const BUILD_USER: &str = "builder";
 
 /// An SSH failure.
 #[derive(Debug, thiserror::Error)]
@@ -89,13 +88,6 @@ fn fingerprint(blob: &[u8]) -> String {
 pub struct GuestSession {
     session: ssh2::Session,
     socket: TcpStream,
-}
-
-/// Quotes `command` to run as the unprivileged build user from a root shell:
-/// fresh environment (HOME, USER, SHELL, PATH from the user's entry), in its home.
-pub fn as_build_user(command: &str) -> String {
-    let quoted = shlex::try_quote(command).map(|q| q.into_owned()).unwrap_or_else(|_| "false".into());
-    format!("cd /home/{BUILD_USER} && exec setpriv --reuid={BUILD_USER} --regid={BUILD_USER} --init-groups --reset-env /bin/sh -c {quoted}")
 }
 
 impl GuestSession {
@@ -167,12 +159,20 @@ impl GuestSession {
         Ok((status, String::from_utf8_lossy(&out.0).into_owned(), String::from_utf8_lossy(&err.0).into_owned()))
     }
 
-    /// An interactive login shell as the build user on a PTY of `size`
-    /// (columns, rows), wired to `input` and `output`; returns its exit status.
-    pub fn shell(&self, term: &str, size: (u32, u32), input: BorrowedFd<'_>, output: &mut dyn Write) -> Result<i32, GuestError> {
+    /// Runs `command` (a whole command line, see
+    /// `contract::user_command`) on a PTY of `size` (columns, rows), wired to
+    /// `input` and `output`; returns its exit status.
+    pub fn exec_on_pty(
+        &self,
+        command: &str,
+        term: &str,
+        size: (u32, u32),
+        input: BorrowedFd<'_>,
+        output: &mut dyn Write,
+    ) -> Result<i32, GuestError> {
         let mut channel = self.session.channel_session().map_err(ssh_err("open a channel"))?;
         channel.request_pty(term, None, Some((size.0, size.1, 0, 0))).map_err(ssh_err("request a PTY"))?;
-        channel.exec(&as_build_user("exec bash --login")).map_err(ssh_err("start the shell"))?;
+        channel.exec(command).map_err(ssh_err("start the command"))?;
         self.pump(&mut channel, Some(input), None, output, &mut io::sink())?;
         channel.wait_close().map_err(ssh_err("close the channel"))?;
         channel.exit_status().map_err(ssh_err("read the exit status"))
@@ -267,13 +267,6 @@ mod tests {
             assert_eq!(capture.write(&chunk).unwrap(), chunk.len());
         }
         assert_eq!(capture.0.len(), CAPTURE_LIMIT);
-    }
-
-    #[test]
-    fn build_user_wrapper_quotes_the_command() {
-        let w = as_build_user("echo 'a b'; id");
-        assert!(w.starts_with("cd /home/builder && exec setpriv --reuid=builder"), "{w}");
-        assert!(w.ends_with(r#"/bin/sh -c "echo 'a b'; id""#) || w.ends_with(r#"/bin/sh -c 'echo '"'"'a b'"'"'; id'"#), "{w}");
     }
 
     /// A fake "guest" on a local port that answers each connection with

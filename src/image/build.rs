@@ -183,33 +183,9 @@ fn build_in(
     opts: &BuildOptions,
     store: &Store,
 ) -> Result<StoredImage, ImageBuildError> {
-    let epoch = recipe.source_date_epoch;
-    let rootfs_tar = work.join("rootfs.tar");
     let boot_dir = work.join("boot");
     fs::create_dir(&boot_dir).map_err(path_error("create", &boot_dir))?;
-
-    let mode = if nix::unistd::geteuid().is_root() { "root" } else { "unshare" };
-    let mut mm = clean_command("mmdebstrap", epoch, work);
-    mm.arg(format!("--mode={mode}"))
-        .arg("--variant=apt")
-        .arg("--format=tar")
-        .arg(format!("--architectures={}", recipe.architecture))
-        .arg(format!("--include={}", recipe.packages.join(",")))
-        .arg("--aptopt=Acquire::Check-Valid-Until \"false\"");
-    for pattern in &recipe.path_excludes {
-        mm.arg(format!("--dpkgopt=path-exclude={pattern}"));
-    }
-    // Hooks are shell command lines: quote our paths (mmdebstrap's own
-    // copy-out splits on spaces, so the kernel and initrd leave by `cp`).
-    let quoted = |p: &Path| shlex::try_quote(&p.to_string_lossy()).map(|q| q.into_owned()).unwrap_or_default();
-    mm.env("REPROVM_BOOT_OUT", &boot_dir)
-        .arg(format!("--customize-hook={} \"$1\"", quoted(customize)))
-        .arg("--customize-hook=cp \"$1/boot/reprovm/vmlinux\" \"$1/boot/reprovm/initrd.img\" \"$REPROVM_BOOT_OUT/\"")
-        .arg("--customize-hook=rm -rf \"$1/boot/reprovm\"")
-        .arg(&recipe.suite)
-        .arg(&rootfs_tar)
-        .arg(&mirror);
-    run_logged("mmdebstrap", "mmdebstrap", &mut mm, &work.join("mmdebstrap.log"))?;
+    let rootfs_tar = run_mmdebstrap(recipe, customize, &mirror, work, &boot_dir)?;
 
     let facts = rootfs_facts(&rootfs_tar)?;
     let kernel_release = facts.kernel_release.ok_or(ImageBuildError::Incomplete { what: "kernel modules directory" })?;
@@ -223,52 +199,90 @@ fn build_in(
             return Err(ImageBuildError::Incomplete { what });
         }
     }
+    let rootfs = make_rootfs(recipe, rootfs_tar, work)?;
 
-    // Filesystem size: the tar's size plus ext4 overhead plus the free space
-    // asked for, in whole MiB, all derived from deterministic inputs.
-    let tar_size = fs::metadata(&rootfs_tar).map_err(path_error("stat", &rootfs_tar))?.len();
-    let rootfs_mib = (tar_size / (1 << 20)) * 115 / 100 + recipe.rootfs_free_mib;
-    let rootfs = work.join("rootfs.ext4");
-    make_ext4(
-        &Ext4Spec {
-            tar: rootfs_tar,
-            image: rootfs.clone(),
-            size_mib: rootfs_mib,
-            label: ROOTFS_LABEL,
-            uuid_name: recipe.name.clone(),
-            root_owner: (0, 0),
-            epoch,
-        },
-        work,
-    )?;
-
-    let recipe_sha256 = hash_file(recipe_path).map_err(path_error("hash", recipe_path))?.hex();
     let metadata = ImageMetadata {
         format: FORMAT_VERSION,
         name: recipe.name.clone(),
         distribution: format!("{} {}", recipe.distribution, recipe.suite),
         architecture: recipe.architecture.clone(),
         mirror,
-        source_date_epoch: epoch,
-        recipe_sha256,
+        source_date_epoch: recipe.source_date_epoch,
+        recipe_sha256: hash_file(recipe_path).map_err(path_error("hash", recipe_path))?.hex(),
         kernel_release,
         rootfs_label: ROOTFS_LABEL.to_string(),
         packages: facts.packages,
     };
-
     let out = opts.out.clone().unwrap_or_else(|| work.join("bundle.img"));
+    let pin = write_bundle_file(&out, &metadata, [&kernel, &initrd, &rootfs])?;
+    tracing::info!("bundle {} written to {}", pin, out.display());
+    Ok(store.import(&out, Some(pin))?)
+}
+
+/// Runs mmdebstrap: the root filesystem as a tar in `work`, customised by
+/// `customize` (provision/customize-image, given the guest contract), the
+/// PVH kernel and the initrd copied into `boot_dir`.
+fn run_mmdebstrap(recipe: &ImageRecipe, customize: &Path, mirror: &str, work: &Path, boot_dir: &Path) -> Result<PathBuf, ImageBuildError> {
+    let rootfs_tar = work.join("rootfs.tar");
+    let mode = if nix::unistd::geteuid().is_root() { "root" } else { "unshare" };
+    let mut mm = clean_command("mmdebstrap", recipe.source_date_epoch, work);
+    mm.arg(format!("--mode={mode}"))
+        .arg("--variant=apt")
+        .arg("--format=tar")
+        .arg(format!("--architectures={}", recipe.architecture))
+        .arg(format!("--include={}", recipe.packages.join(",")))
+        .arg("--aptopt=Acquire::Check-Valid-Until \"false\"");
+    for pattern in &recipe.path_excludes {
+        mm.arg(format!("--dpkgopt=path-exclude={pattern}"));
+    }
+    // Hooks are shell command lines: quote our paths (mmdebstrap's own
+    // copy-out splits on spaces, so the kernel and initrd leave by `cp`).
+    let quoted = |p: &Path| shlex::try_quote(&p.to_string_lossy()).map(|q| q.into_owned()).unwrap_or_default();
+    mm.env("REPROVM_BOOT_OUT", boot_dir)
+        .env("REPROVM_CONTRACT", crate::guest::contract::definitions())
+        .arg(format!("--customize-hook={} \"$1\"", quoted(customize)))
+        .arg("--customize-hook=cp \"$1/boot/reprovm/vmlinux\" \"$1/boot/reprovm/initrd.img\" \"$REPROVM_BOOT_OUT/\"")
+        .arg("--customize-hook=rm -rf \"$1/boot/reprovm\"")
+        .arg(&recipe.suite)
+        .arg(&rootfs_tar)
+        .arg(mirror);
+    run_logged("mmdebstrap", "mmdebstrap", &mut mm, &work.join("mmdebstrap.log"))?;
+    Ok(rootfs_tar)
+}
+
+/// The root filesystem image from the tar. Its size is the tar's plus ext4
+/// overhead plus the free space asked for, in whole MiB, all derived from
+/// deterministic inputs.
+fn make_rootfs(recipe: &ImageRecipe, rootfs_tar: PathBuf, work: &Path) -> Result<PathBuf, ImageBuildError> {
+    let tar_size = fs::metadata(&rootfs_tar).map_err(path_error("stat", &rootfs_tar))?.len();
+    let rootfs = work.join("rootfs.ext4");
+    let spec = Ext4Spec {
+        tar: rootfs_tar,
+        image: rootfs.clone(),
+        size_mib: (tar_size / (1 << 20)) * 115 / 100 + recipe.rootfs_free_mib,
+        label: ROOTFS_LABEL,
+        uuid_name: recipe.name.clone(),
+        root_owner: (0, 0),
+        epoch: recipe.source_date_epoch,
+    };
+    make_ext4(&spec, work)?;
+    Ok(rootfs)
+}
+
+/// Writes the bundle to `out` (through a temporary file beside it, mode
+/// 0644) and returns its pin.
+fn write_bundle_file(out: &Path, metadata: &ImageMetadata, [kernel, initrd, rootfs]: [&Path; 3]) -> Result<Pin, ImageBuildError> {
     let out_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let partial =
         tempfile::Builder::new().prefix(".reprovm-bundle-").tempfile_in(out_dir).map_err(path_error("create a file in", out_dir))?;
     let pin = {
         let mut writer = HashingWriter { inner: io::BufWriter::with_capacity(4 << 20, partial.as_file()), hasher: Sha256::new() };
-        bundle::write_bundle(&mut writer, &metadata, &kernel, &initrd, &rootfs).map_err(path_error("write", &out))?;
+        bundle::write_bundle(&mut writer, metadata, kernel, initrd, rootfs).map_err(path_error("write", out))?;
         Pin::from_digest(writer.hasher.finalize().into())
     };
     fs::set_permissions(partial.path(), fs::Permissions::from_mode(0o644)).map_err(path_error("set permissions of", partial.path()))?;
-    partial.persist(&out).map_err(|e| path_error("write", &out)(e.error))?;
-    tracing::info!("bundle {} written to {}", pin, out.display());
-    Ok(store.import(&out, Some(pin))?)
+    partial.persist(out).map_err(|e| path_error("write", out)(e.error))?;
+    Ok(pin)
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use crate::deadline::Deadline;
 use crate::diagnostics::tail_of;
 use crate::escape::{escape, EscapingWriter};
+use crate::guest::contract::{environment, script_command, user_command, CollectProblem, GuestUser};
 use crate::guest::provision::{ARCHIVE_ARTIFACTS, COLLECT_ARTIFACTS, PREPARE_BUILD};
-use crate::guest::session::BUILD_USER;
 use crate::guest::{GuestError, GuestSession};
 use crate::logs::{CappedLog, SharedLog};
 use crate::path_error::path_error;
@@ -25,53 +25,24 @@ use crate::vm::{Machine, Network, VmError, EGRESS_PROXY};
 
 /// Limit for the short guest-side steps (mounting the scratch disk).
 const GUEST_STEP_LIMIT: Duration = Duration::from_secs(60);
-/// The build directory in the guest.
-const BUILD_DIR: &str = "/build/src";
-/// PATH of the build.
-const BUILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
 
 /// The egress proxy as the guest reaches it.
 fn egress_proxy_url() -> String {
     format!("http://{}:{}", EGRESS_PROXY.0, EGRESS_PROXY.1)
 }
 
-/// The build environment: only what reprovm sets (with an allow list, the
-/// proxy variables that HTTP clients read), then the recipe's.
-fn build_env(recipe: &BuildRecipe, epoch: i64, root: bool) -> Vec<(String, String)> {
-    let (user, home) = if root { ("root", "/root") } else { (BUILD_USER, "/build/home") };
-    let mut env: std::collections::BTreeMap<String, String> = [
-        ("PATH", BUILD_PATH),
-        ("HOME", home),
-        ("USER", user),
-        ("LOGNAME", user),
-        ("SHELL", "/bin/sh"),
-        ("TMPDIR", "/build/tmp"),
-        ("TZ", "UTC"),
-        ("LANG", "C.UTF-8"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    env.insert("SOURCE_DATE_EPOCH".into(), epoch.to_string());
+/// The build's environment for `user`: the contract's fixed one, with an
+/// allow list the proxy variables that HTTP clients read, then the recipe's
+/// `build.env`.
+fn build_env(recipe: &BuildRecipe, epoch: i64, user: GuestUser) -> Vec<(String, String)> {
+    let mut extra = Vec::new();
     if recipe.build.network.machine_network() == Network::Egress {
         for name in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
-            env.insert(name.into(), egress_proxy_url());
+            extra.push((name.to_string(), egress_proxy_url()));
         }
     }
-    env.extend(recipe.build.env.clone());
-    env.into_iter().collect()
-}
-
-fn quote(s: &str) -> String {
-    shlex::try_quote(s).map(|q| q.into_owned()).unwrap_or_else(|_| "''".into())
-}
-
-/// The command line that runs `command` in the build directory with the
-/// clean environment, as the build user (or root for provision commands).
-fn guest_command(command: &str, env: &[(String, String)], root: bool) -> String {
-    let env: Vec<String> = env.iter().map(|(k, v)| quote(&format!("{k}={v}"))).collect();
-    let user = if root { String::new() } else { format!("setpriv --reuid={BUILD_USER} --regid={BUILD_USER} --init-groups ") };
-    format!("cd {BUILD_DIR} && umask 022 && exec {user}env -i {} /bin/sh -c {}", env.join(" "), quote(command))
+    extra.extend(recipe.build.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    environment(user, epoch, &extra)
 }
 
 /// Copies the build's output to build.log (raw, capped) and, unless
@@ -124,7 +95,7 @@ fn ssh_failure(source: GuestError) -> RebuildError {
 pub(super) fn guest_build(session: &GuestSession, req: &BuildRequest, epoch: i64, log_path: &Path) -> Result<GuestOutcome, RebuildError> {
     let start = Instant::now();
     let proxy = if req.recipe.build.network.machine_network() == Network::Egress { egress_proxy_url() } else { String::new() };
-    let mount = format!("sh -c {} prepare-build {}", quote(PREPARE_BUILD), quote(&proxy));
+    let mount = script_command("sh", PREPARE_BUILD, "prepare-build", &[&proxy]);
     let (status, out, err) =
         session.exec_capture_until(&mount, Some((Deadline::after(GUEST_STEP_LIMIT), "the scratch disk to mount"))).map_err(ssh_failure)?;
     if status != 0 {
@@ -160,16 +131,16 @@ fn guest_commands(
         GuestError::Deadline(_) => RebuildError::Timeout { secs: recipe.build.timeout_secs, log_tail: log_tail() },
         other => ssh_failure(other),
     };
-    let root_env = build_env(recipe, epoch, true);
+    let root_env = build_env(recipe, epoch, GuestUser::Root);
     for (i, command) in recipe.build.provision.iter().enumerate() {
-        let line = guest_command(command, &root_env, true);
+        let line = user_command(command, &root_env, GuestUser::Root);
         let status = session.exec_until(&line, Some((limit, "the provision commands")), &mut tee(), &mut tee()).map_err(timed)?;
         if status != 0 {
             return Err(RebuildError::Provision { index: i + 1, command: command.clone(), status, log_tail: log_tail() });
         }
     }
     let start = Instant::now();
-    let line = guest_command(&recipe.build.command, &build_env(recipe, epoch, false), false);
+    let line = user_command(&recipe.build.command, &build_env(recipe, epoch, GuestUser::Build), GuestUser::Build);
     tracing::debug!("build command line: {}", escape(&line));
     let status = session.exec_until(&line, Some((limit, "the build command")), &mut tee(), &mut tee()).map_err(timed)?;
     if status != 0 {
@@ -181,20 +152,10 @@ fn guest_commands(
 /// Collects the artifacts onto the output disk (over SSH, blocking), within
 /// the build's own time limit.
 pub(super) fn guest_collect(session: &GuestSession, limit: Duration) -> Result<(), RebuildError> {
-    let collect = format!("bash -c {} collect-artifacts {}", quote(COLLECT_ARTIFACTS), quote(ARCHIVE_ARTIFACTS));
+    let collect = script_command("bash", COLLECT_ARTIFACTS, "collect-artifacts", &[ARCHIVE_ARTIFACTS]);
     let (status, out, err) =
         session.exec_capture_until(&collect, Some((Deadline::after(limit), "the artifacts to be collected"))).map_err(ssh_failure)?;
-    let problems: Vec<String> = out
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.splitn(3, '\t');
-            match (f.next(), f.next(), f.next()) {
-                (Some("nomatch"), Some(glob), _) => Some(format!("glob {glob:?} (build.artifacts) matched nothing in {BUILD_DIR}")),
-                (Some("refused"), Some(path), Some(why)) => Some(format!("{path:?} refused: {why}")),
-                _ => None,
-            }
-        })
-        .collect();
+    let problems: Vec<String> = CollectProblem::parse_report(&out).iter().map(ToString::to_string).collect();
     if !problems.is_empty() {
         return Err(RebuildError::Artifacts { problems });
     }
@@ -246,25 +207,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn build_command_runs_as_the_build_user_with_only_the_fixed_environment() {
+    fn the_recipes_env_and_the_proxy_join_the_fixed_environment() {
         let recipe = BuildRecipe::parse(
-            "[build]\ncommand = \"make 'a b'\"\nartifacts = [\"x\"]\nenv = { CFLAGS = \"-O2 -g\", LANG = \"de_DE.UTF-8\" }\n",
+            "[build]\ncommand = \"make\"\nartifacts = [\"x\"]\nenv = { LANG = \"de_DE.UTF-8\" }\nnetwork = { allow = [\"deb.debian.org\"] }\n",
             Path::new("r"),
         )
         .unwrap();
-        let env = build_env(&recipe, 1_700_000_000, false);
+        let env = build_env(&recipe, 1_700_000_000, GuestUser::Build);
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        assert_eq!(get("SOURCE_DATE_EPOCH"), Some("1700000000"));
-        assert_eq!(get("TZ"), Some("UTC"));
-        assert_eq!(get("HOME"), Some("/build/home"));
         assert_eq!(get("LANG"), Some("de_DE.UTF-8"), "the recipe's env wins");
-        let line = guest_command(&recipe.build.command, &env, false);
-        assert!(
-            line.starts_with("cd /build/src && umask 022 && exec setpriv --reuid=builder --regid=builder --init-groups env -i "),
-            "{line}"
-        );
-        assert!(line.contains("'CFLAGS=-O2 -g'") && line.ends_with(r#"/bin/sh -c "make 'a b'""#), "{line}");
-        let root = guest_command("apt-get update", &build_env(&recipe, 1, true), true);
-        assert!(root.contains("exec env -i ") && root.contains("HOME=/root") && !root.contains("setpriv"), "{root}");
+        assert_eq!(get("https_proxy"), Some("http://10.0.2.100:3128"));
+        assert_eq!(get("HOME"), Some("/build/home"));
     }
 }

@@ -26,11 +26,9 @@ use rustix::fs::FileType;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::guest::contract::{BUILD_UID, SCRATCH_DIRS};
 use crate::path_error::{path_error, PathError};
 use beneath::Beneath;
-
-/// uid and gid of the build user in the builder image.
-pub const BUILD_UID: u32 = 1000;
 
 /// How the file list was chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,22 +273,26 @@ impl SourceTree {
         Ok(SourceRecord { kind: self.kind, sha256: hex::encode(hasher.0.finalize()), files, bytes })
     }
 
-    /// Writes the scratch disk's contents as a tar: `src/` (the tree, owned
-    /// by the build user), `home/`, `tmp/` and `.reprovm/` with `extra`
-    /// files (name, contents) for the guest-side steps.
+    /// Writes the scratch disk's contents as a tar (the contract's
+    /// `SCRATCH_DIRS`): the tree in `src`, owned by the build user, its
+    /// `home` and `tmp`, and root's `meta` directory with `extra` files
+    /// (name, contents) for the guest-side steps.
     pub fn write_scratch_tar(&self, path: &Path, epoch: i64, extra: &[(&str, Vec<u8>)]) -> Result<(), SourceError> {
         let file = File::create(path).map_err(path_error("create", path))?;
         let mut tar = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, file));
         let err = || path_error("write", path);
-        for (name, uid) in [(".reprovm", 0), ("home", BUILD_UID), ("src", BUILD_UID), ("tmp", BUILD_UID)] {
+        let dirs = &SCRATCH_DIRS;
+        let mut top = [(dirs.meta, 0), (dirs.home, BUILD_UID), (dirs.src, BUILD_UID), (dirs.tmp, BUILD_UID)];
+        top.sort();
+        for (name, uid) in top {
             tar.append_data(&mut header(tar::EntryType::Directory, 0o755, uid, epoch), name, io::empty()).map_err(err())?;
         }
         for (name, contents) in extra {
             let mut h = header(tar::EntryType::Regular, 0o644, 0, epoch);
             h.set_size(contents.len() as u64);
-            tar.append_data(&mut h, Path::new(".reprovm").join(name), contents.as_slice()).map_err(err())?;
+            tar.append_data(&mut h, Path::new(dirs.meta).join(name), contents.as_slice()).map_err(err())?;
         }
-        self.append_tree(&mut tar, Path::new("src"), BUILD_UID, epoch)?;
+        self.append_tree(&mut tar, Path::new(dirs.src), BUILD_UID, epoch)?;
         tar.into_inner().and_then(|mut w| w.flush()).map_err(err())?;
         Ok(())
     }

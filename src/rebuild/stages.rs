@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::egress::{AllowedHost, Download, DownloadCache, EgressMode, EgressPolicy, Proxy, DEFAULT_DOWNLOAD_LIMIT};
 use crate::escape::escape;
+use crate::guest::contract::{ARTIFACT_GLOBS_FILE, OUTPUT_SERIAL, SCRATCH_SERIAL};
 use crate::guest::{FirstContact, GuestFacts};
 use crate::host_tools::{make_ext4, Ext4Spec};
 use crate::image::{ImageCheck, OpenImage, Pin, Store};
@@ -25,9 +26,6 @@ use crate::rebuild::source::SourceTree;
 use crate::rebuild::RebuildError;
 use crate::vm::{AccelChoice, BootOptions, EgressRelay, ExtraDisk, LaunchedMachine, Machine, Network};
 
-/// Serial numbers the guest scripts find the disks by.
-const SCRATCH_SERIAL: &str = "reprovm-scratch";
-const OUTPUT_SERIAL: &str = "reprovm-output";
 /// One build to run, validated by the command line.
 #[derive(Clone, Debug)]
 pub struct BuildRequest {
@@ -136,7 +134,7 @@ fn prepare_disks(req: &BuildRequest, staging: &Path, machine_clock: i64) -> Resu
     let disks = Disks { dir };
     let tar = disks.dir.path().join("scratch.tar");
     let globs: Vec<u8> = req.recipe.build.artifacts.iter().flat_map(|g| g.bytes().chain([0])).collect();
-    tree.write_scratch_tar(&tar, epoch, &[("artifacts", globs)])?;
+    tree.write_scratch_tar(&tar, epoch, &[(ARTIFACT_GLOBS_FILE, globs)])?;
     make_ext4(
         &Ext4Spec {
             tar: tar.clone(),

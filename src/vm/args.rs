@@ -6,6 +6,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use crate::guest::contract::{FW_CFG_DIR, ROOT_PARAMETER};
 use crate::image::bundle::Extent;
 
 /// Versioned machine type: present in QEMU 7.2 and kept by later releases.
@@ -78,8 +79,15 @@ pub fn cpu_option(model: &str) -> String {
 /// `cpuid_fault` flag in /proc/cpuinfo under KVM only (seen through
 /// scripts/test-kvm-nested); the kernel records the option as taint 4 under
 /// both accelerators alike.
-pub const KERNEL_CMDLINE: &str =
-    "console=ttyS0 loglevel=7 panic=-1 edd=off reprovm.root=/dev/vda random.trust_cpu=on tsc=reliable mitigations=off cryptomgr.notests clearcpuid=cpuid_fault";
+/// The root disk is named to the initrd by the contract's
+/// `ROOT_PARAMETER` (see [`kernel_cmdline`]).
+const KERNEL_CMDLINE: &str =
+    "console=ttyS0 loglevel=7 panic=-1 edd=off random.trust_cpu=on tsc=reliable mitigations=off cryptomgr.notests clearcpuid=cpuid_fault";
+
+/// The kernel's command line: [`KERNEL_CMDLINE`] and the root disk.
+pub fn kernel_cmdline() -> String {
+    format!("{KERNEL_CMDLINE} {ROOT_PARAMETER}=/dev/vda")
+}
 
 /// The accelerator QEMU runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -194,7 +202,7 @@ pub struct LaunchPlan {
     pub serial_socket: PathBuf,
     /// Host port forwarded (on 127.0.0.1 only) to the guest's port 22.
     pub ssh_port: u16,
-    /// fw_cfg files: (name under opt/reprovm/, host path).
+    /// fw_cfg files: (name under the contract's `FW_CFG_DIR`, host path).
     pub fw_cfg: Vec<(String, PathBuf)>,
     /// Disks after the root filesystem, in order.
     pub disks: Vec<ExtraDisk>,
@@ -245,7 +253,7 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
     push(&["-serial", "chardev:serial0"]);
     push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", p(&plan.qmp_socket))]);
     push(&["-mon", "chardev=qmp,mode=control"]);
-    push(&["-kernel", &p(&plan.kernel), "-initrd", &p(&plan.initrd), "-append", KERNEL_CMDLINE]);
+    push(&["-kernel", &p(&plan.kernel), "-initrd", &p(&plan.initrd), "-append", &kernel_cmdline()]);
     push(&["-add-fd", &format!("fd={},set=1,opaque=reprovm-bundle", plan.bundle_fd)]);
     push(&["-blockdev", "driver=file,node-name=bundle,filename=/dev/fdset/1,read-only=on"]);
     push(&[
@@ -276,7 +284,7 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
     // its CRNG, and sshd waits for it.
     push(&["-device", "virtio-rng-pci"]);
     for (name, path) in &plan.fw_cfg {
-        push(&["-fw_cfg", &format!("name=opt/reprovm/{name},file={}", p(path))]);
+        push(&["-fw_cfg", &format!("name={FW_CFG_DIR}/{name},file={}", p(path))]);
     }
     a
 }
@@ -323,7 +331,7 @@ mod tests {
             "-serial chardev:serial0",
             "-chardev socket,id=qmp,path=/tmp/reprovm-run-X/qmp.sock,server=on,wait=off",
             "-mon chardev=qmp,mode=control",
-            &format!("-kernel /tmp/reprovm-run-X/vmlinux -initrd /tmp/reprovm-run-X/initrd.img -append {KERNEL_CMDLINE}"),
+            &format!("-kernel /tmp/reprovm-run-X/vmlinux -initrd /tmp/reprovm-run-X/initrd.img -append {}", kernel_cmdline()),
             "-add-fd fd=7,set=1,opaque=reprovm-bundle",
             "-blockdev driver=file,node-name=bundle,filename=/dev/fdset/1,read-only=on",
             "-blockdev driver=raw,node-name=base,file=bundle,offset=71680,size=1048576,read-only=on",

@@ -19,6 +19,7 @@ use tempfile::TempDir;
 
 use crate::deadline::{Deadline, Timeout};
 use crate::diagnostics::{panic_report, section, tail_of};
+use crate::guest::contract::{FW_CFG_AUTHORIZED_KEYS, FW_CFG_HOST_KEY, INIT_MARKER, KEYS_MARKER};
 use crate::guest::{GuestError, GuestSession, RunKeys};
 use crate::image::bundle;
 use crate::image::{ImageCheck, OpenImage, StoreError};
@@ -29,11 +30,6 @@ use crate::vm::accel::{candidates, probe_kvm, AccelChoice};
 use crate::vm::args::{cpu_option, qemu_args, Accelerator, EgressRelay, ExtraDisk, LaunchPlan, MachineSpec, Network, MACHINE_TYPE};
 use crate::vm::qmp::{GuestEvent, Qmp, QmpError};
 
-/// What the guest's init prints on the serial console once userspace runs.
-const INIT_MARKER: &str = "reprovm-init: started";
-/// What it prints once the network is up and the keys are in place: SSH
-/// attempts before that would sit in user-mode networking's SYN retries.
-const NETWORK_MARKER: &str = "reprovm-init: keys installed";
 /// The least time a guest's console may stay silent before init before the
 /// boot is declared hung (see [`silence_limit`]).
 const MIN_SILENCE: Duration = Duration::from_secs(20);
@@ -284,7 +280,7 @@ fn prepare(image: &OpenImage, opts: &BootOptions, accel: Accelerator, sandbox: b
     }
     let keys = RunKeys::generate()?;
     let mut key_files = Vec::new();
-    for (name, content) in [("ssh_host_ed25519_key", keys.host_private.as_str()), ("authorized_keys", keys.client_public_line.as_str())] {
+    for (name, content) in [(FW_CFG_HOST_KEY, keys.host_private.as_str()), (FW_CFG_AUTHORIZED_KEYS, keys.client_public_line.as_str())] {
         let path = dir.join(name);
         let _ = fs::remove_file(&path);
         fs::write(&path, content).map_err(path_error("write", &path))?;
@@ -332,41 +328,8 @@ impl Machine {
             .permissions(Permissions::from_mode(0o700))
             .tempdir_in(tmp)
             .map_err(path_error("create a run directory in", tmp))?;
-        let kvm_probe = if opts.accel == AccelChoice::Tcg { Err("not asked for".into()) } else { probe_kvm(Path::new("/dev/kvm")) };
-        let accels = candidates(opts.accel, kvm_probe).map_err(VmError::KvmUnusable)?;
         let deadline = Deadline::after(opts.boot_timeout);
-        let mut tries = Tries { sandbox: true, other_ports: 0, hung_restarts: 0 };
-        let mut accel_index = 0;
-        let (files, started) = loop {
-            let accel = accels[accel_index];
-            let files = prepare(image, opts, accel, tries.sandbox, run_dir.path())?;
-            let e = match start_qemu(&files, opts, deadline).await {
-                Ok(started) => break (files, started),
-                Err(e) => e,
-            };
-            match relaunch(&e, accel, &tries) {
-                Some(Relaunch::Unconfined) => {
-                    tracing::warn!("{} has no seccomp sandbox: running it unconfined", opts.qemu.display());
-                    tries.sandbox = false;
-                }
-                Some(Relaunch::AnotherPort) => tries.other_ports += 1,
-                Some(Relaunch::NextAccelerator) if accel_index + 1 == accels.len() => return Err(VmError::KvmFailed(Box::new(e))),
-                Some(Relaunch::NextAccelerator) => {
-                    tracing::debug!("the builder under KVM: {}", crate::escape::escape(&e.to_string()));
-                    tracing::warn!(
-                        "KVM cannot run the builder on this host ({}); falling back to TCG (--accel tcg skips the attempt, -v shows QEMU's words)",
-                        crate::escape::escape(&kvm_failure_reason(&e))
-                    );
-                    accel_index += 1;
-                }
-                Some(Relaunch::Again) => {
-                    tracing::debug!("the hung boot: {}", crate::escape::escape(&e.to_string()));
-                    tracing::warn!("the builder hung early in its boot under TCG (its console stopped moving): starting it once more");
-                    tries.hung_restarts += 1;
-                }
-                None => return Err(e),
-            }
-        };
+        let (files, started) = launch(image, opts, &accelerators(opts)?, run_dir.path(), deadline).await?;
         let Started { mut qemu, mut qmp, serial, started } = started;
         // QEMU has read the fw_cfg files: the keys leave the disk now.
         for path in &files.key_files {
@@ -382,35 +345,22 @@ impl Machine {
             .expect("hash thread panicked")
             .map_err(|e| VmError::Image(Box::new(e)))?;
         tracing::info!("image {} verified in {:.2}s, while the builder booted", image.stored.pin, image_check.as_secs_f64());
-        let version = qmp.version().await?;
         let launched = LaunchedMachine {
             qemu_binary: opts.qemu.clone(),
-            qemu_version: version,
+            qemu_version: qmp.version().await?,
             accelerator: files.plan.accel,
             machine_type: MACHINE_TYPE.to_string(),
             cpu: cpu_option(&opts.spec.cpu_model),
             spec: opts.spec.clone(),
         };
-        tracing::info!(
-            "builder ready in {:.1}s under {} (SSH on 127.0.0.1:{})",
-            boot_time.as_secs_f64(),
-            launched.accelerator.as_str(),
-            files.plan.ssh_port
-        );
         let ssh_port = files.plan.ssh_port;
-        Ok(Machine {
-            qemu,
-            qmp,
-            session: Some(session),
-            ssh_port,
-            serial_log,
-            launched,
-            qemu_started: started,
-            boot_time,
-            image_check,
-            serial,
-            run_dir,
-        })
+        tracing::info!(
+            "builder ready in {:.1}s under {} (SSH on 127.0.0.1:{ssh_port})",
+            boot_time.as_secs_f64(),
+            launched.accelerator.as_str()
+        );
+        let session = Some(session);
+        Ok(Machine { qemu, qmp, session, ssh_port, serial_log, launched, qemu_started: started, boot_time, image_check, serial, run_dir })
     }
 
     /// The per-run directory (overlay, sockets, logs).
@@ -484,12 +434,72 @@ impl Machine {
     }
 }
 
+/// The accelerators to try, in order (`--accel auto`: KVM first when
+/// /dev/kvm looks usable, then TCG).
+fn accelerators(opts: &BootOptions) -> Result<Vec<Accelerator>, VmError> {
+    let kvm_probe = if opts.accel == AccelChoice::Tcg { Err("not asked for".into()) } else { probe_kvm(Path::new("/dev/kvm")) };
+    candidates(opts.accel, kvm_probe).map_err(VmError::KvmUnusable)
+}
+
+/// Starts QEMU until the guest's init runs, starting it again as
+/// [`relaunch`] decides (unconfined, on another port, under the next
+/// accelerator, once more after a hung TCG boot).
+async fn launch(
+    image: &OpenImage,
+    opts: &BootOptions,
+    accels: &[Accelerator],
+    run_dir: &Path,
+    deadline: Deadline,
+) -> Result<(RunFiles, Started), VmError> {
+    let mut tries = Tries { sandbox: true, other_ports: 0, hung_restarts: 0 };
+    let mut accel_index = 0;
+    loop {
+        let accel = accels[accel_index];
+        let files = prepare(image, opts, accel, tries.sandbox, run_dir)?;
+        let e = match start_qemu(&files, opts, deadline).await {
+            Ok(started) => return Ok((files, started)),
+            Err(e) => e,
+        };
+        match relaunch(&e, accel, &tries) {
+            Some(Relaunch::Unconfined) => {
+                tracing::warn!("{} has no seccomp sandbox: running it unconfined", opts.qemu.display());
+                tries.sandbox = false;
+            }
+            Some(Relaunch::AnotherPort) => tries.other_ports += 1,
+            Some(Relaunch::NextAccelerator) if accel_index + 1 == accels.len() => return Err(VmError::KvmFailed(Box::new(e))),
+            Some(Relaunch::NextAccelerator) => {
+                tracing::debug!("the builder under KVM: {}", crate::escape::escape(&e.to_string()));
+                tracing::warn!(
+                    "KVM cannot run the builder on this host ({}); falling back to TCG (--accel tcg skips the attempt, -v shows QEMU's words)",
+                    crate::escape::escape(&kvm_failure_reason(&e))
+                );
+                accel_index += 1;
+            }
+            Some(Relaunch::Again) => {
+                tracing::debug!("the hung boot: {}", crate::escape::escape(&e.to_string()));
+                tracing::warn!("the builder hung early in its boot under TCG (its console stopped moving): starting it once more");
+                tries.hung_restarts += 1;
+            }
+            None => return Err(e),
+        }
+    }
+}
+
 /// Starts QEMU for `files` and waits until the guest's init runs.
 async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) -> Result<Started, VmError> {
+    let _ = fs::remove_file(&files.plan.qmp_socket);
+    let serial = SerialCapture::listen(&files.plan.serial_socket, &files.serial_log, opts.log_limit)?;
+    let mut qemu = spawn_qemu(files, opts)?;
+    let started = Instant::now();
+    let mut qmp = connect_qmp(&mut qemu, files, deadline).await?;
+    wait_for_init(&mut qemu, &mut qmp, files, opts, deadline, started).await?;
+    Ok(Started { qemu, qmp, serial, started })
+}
+
+/// Spawns QEMU (its own supervised process group) with the verified
+/// bundle's descriptor inherited and its stderr in qemu.log.
+fn spawn_qemu(files: &RunFiles, opts: &BootOptions) -> Result<Supervised, VmError> {
     let plan = &files.plan;
-    let serial_log = &files.serial_log;
-    let _ = fs::remove_file(&plan.qmp_socket);
-    let serial = SerialCapture::listen(&plan.serial_socket, serial_log, opts.log_limit)?;
     let log = File::create(&files.qemu_log).map_err(path_error("create", &files.qemu_log))?;
     let mut cmd = Command::new(&opts.qemu);
     cmd.args(qemu_args(plan)).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
@@ -510,23 +520,26 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
         opts.qemu.display(),
         shlex::try_join(qemu_args(plan).iter().map(|a| a.to_str().unwrap_or("?"))).unwrap_or_default()
     );
-    let mut qemu = Supervised::spawn("QEMU", &mut cmd).map_err(|e| match e.kind() {
+    Supervised::spawn("QEMU", &mut cmd).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => VmError::MissingProgram { program: opts.qemu.display().to_string(), package: "qemu-system-x86" },
         _ => path_error("start", &opts.qemu)(e).into(),
-    })?;
-    let started = Instant::now();
-    // A loaded host (or a nested KVM) can take long to start QEMU: keep
-    // trying within the boot's own limit, but stop as soon as QEMU exits.
-    let mut qmp = loop {
-        match Qmp::connect(&plan.qmp_socket, QMP_ATTEMPT.min(deadline.remaining())).await {
-            Ok(qmp) => break qmp,
+    })
+}
+
+/// Connects to QEMU's monitor. A loaded host (or a nested KVM) can take
+/// long to start QEMU: keep trying within the boot's own limit, but stop as
+/// soon as QEMU exits.
+async fn connect_qmp(qemu: &mut Supervised, files: &RunFiles, deadline: Deadline) -> Result<Qmp, VmError> {
+    loop {
+        match Qmp::connect(&files.plan.qmp_socket, QMP_ATTEMPT.min(deadline.remaining())).await {
+            Ok(qmp) => return Ok(qmp),
             Err(e) => {
                 let _ = qemu.wait_for(Duration::from_millis(100));
                 if let Some(status) = qemu.try_wait().ok().flatten() {
                     return Err(VmError::QemuExited {
                         status: status.to_string(),
                         qemu_log: tail_of(&files.qemu_log, 20),
-                        serial_tail: tail_of(serial_log, 30),
+                        serial_tail: tail_of(&files.serial_log, 30),
                     });
                 }
                 if deadline.passed() {
@@ -534,22 +547,35 @@ async fn start_qemu(files: &RunFiles, opts: &BootOptions, deadline: Deadline) ->
                 }
             }
         }
-    };
+    }
+}
+
+/// Waits for the contract's [`INIT_MARKER`] on the console; a console that
+/// stops moving before it is a hung boot ([`ConsoleWatchdog`]).
+async fn wait_for_init(
+    qemu: &mut Supervised,
+    qmp: &mut Qmp,
+    files: &RunFiles,
+    opts: &BootOptions,
+    deadline: Deadline,
+    started: Instant,
+) -> Result<(), VmError> {
+    let (serial_log, accel) = (&files.serial_log, files.plan.accel.as_str());
     let mut watchdog = ConsoleWatchdog::new(silence_limit(opts.boot_timeout), Instant::now());
     loop {
-        check_alive(&mut qemu, &mut qmp, serial_log, &files.qemu_log)?;
+        check_alive(qemu, qmp, serial_log, &files.qemu_log)?;
         let console = fs::read(serial_log).unwrap_or_default();
         if String::from_utf8_lossy(&console).contains(INIT_MARKER) {
             tracing::debug!("guest init started after {:.2}s", started.elapsed().as_secs_f64());
-            return Ok(Started { qemu, qmp, serial, started });
+            return Ok(());
         }
         // Hung, not slow: the console must keep moving until init runs.
         if let Some(silent) = watchdog.silent_for(console.len(), Instant::now()) {
-            return Err(VmError::Hung { accel: plan.accel.as_str(), silent, serial_tail: tail_of(serial_log, 30) });
+            return Err(VmError::Hung { accel, silent, serial_tail: tail_of(serial_log, 30) });
         }
         if deadline.passed() {
             let source = deadline.timeout("the guest's init to start", None);
-            return Err(VmError::BootTimeout { accel: plan.accel.as_str(), serial_tail: tail_of(serial_log, 30), source });
+            return Err(VmError::BootTimeout { accel, serial_tail: tail_of(serial_log, 30), source });
         }
         tokio::time::sleep(WATCH_INTERVAL).await;
     }
@@ -589,7 +615,7 @@ pub fn missing_kvm_features(qemu_log: &str) -> Vec<&str> {
 /// How long a guest's console may stay silent before its init runs before
 /// the boot is declared hung: a tenth of `--boot-timeout`, at least 20 s.
 /// The kernel prints its boot messages (see
-/// [`crate::vm::args::KERNEL_CMDLINE`]), whose longest gap under TCG is about
+/// [`crate::vm::args::kernel_cmdline`]), whose longest gap under TCG is about
 /// a fifth of the time to init: a slow guest (nested KVM, a loaded host)
 /// keeps printing and is waited for up to the boot's limit; a KVM that opens
 /// but cannot run the machine, or a rare TCG stall early in the boot, stops
@@ -716,7 +742,7 @@ async fn wait_for_ssh(
     let mut attempt_limit = SSH_ATTEMPT;
     loop {
         check_alive(qemu, qmp, serial_log, qemu_log)?;
-        if !fs::read(serial_log).is_ok_and(|b| String::from_utf8_lossy(&b).contains(NETWORK_MARKER)) {
+        if !fs::read(serial_log).is_ok_and(|b| String::from_utf8_lossy(&b).contains(KEYS_MARKER)) {
             if deadline.passed() {
                 return Err(VmError::BootTimeout {
                     accel: "the chosen accelerator",
