@@ -293,6 +293,22 @@ fn bad_recipes_and_flags_exit_2_naming_the_file_and_field() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("nowhere/reprovm.toml"), "{err}");
 
+    // A flag's value gets the recipe field's checks, and the error names the flag.
+    fs::write(src.join("reprovm.toml"), "[build]\ncommand = \"make\"\nartifacts = [\"a\"]\n").unwrap();
+    for (flag, value, expected) in [
+        ("--scratch", "1", "64 to 4194304"),
+        ("--timeout", "0", "1 to 604800"),
+        ("--cpus", "65", "1 to 64"),
+        ("--clock", "-5", "seconds since 1970"),
+    ] {
+        let (_, err, code) = text(&reprovm(&env).arg("build").arg(&src).args([flag, value]).output().unwrap());
+        assert_eq!(code, 2, "{flag}: {err}");
+        assert!(err.contains(&format!("invalid value \"{value}\" for {flag}: {expected}")), "{flag}: {err}");
+    }
+    let (_, err, code) = text(&reprovm(&env).args(["run", "--memory", "100", "--", "true"]).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invalid value \"100\" for --memory: 256 to 262144"), "{err}");
+
     // An output directory that holds something else is never replaced.
     fs::write(src.join("reprovm.toml"), "[build]\ncommand = \"make\"\nartifacts = [\"a\"]\n").unwrap();
     let foreign = env.path().join("home");

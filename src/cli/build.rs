@@ -13,13 +13,13 @@ use indicatif::ProgressBar;
 use crate::attest::keys::SigningKey;
 use crate::cli::attest::load_record;
 use crate::cli::run::resolve_image;
-use crate::cli::{Error, MachineArgs};
+use crate::cli::{name_the_flag, Error, MachineArgs};
 use crate::egress::AllowedHost;
 use crate::escape::escape;
 use crate::image::Store;
 use crate::rebuild::artifacts::sha256sums;
 use crate::rebuild::compare::{all_identical, compare_rows, differing_inputs, render_inputs, render_rows, Status};
-use crate::rebuild::recipe::NetworkAccess;
+use crate::rebuild::recipe::{MachineSection, NetworkAccess};
 use crate::rebuild::{rebuild, BuildRecipe, BuildRequest, BuildResult, EgressRequest, Progress, Record, BUILD_RECIPE_FILE};
 use crate::terminal;
 use crate::vm::Network;
@@ -114,21 +114,13 @@ fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
         return Err(Error::Usage(format!("source directory {} does not exist", args.src.display())));
     }
     let m = &args.machine;
-    let overridden = |field: &str| match field {
-        "machine.cpus" => m.cpus.is_some(),
-        "machine.memory_mib" => m.memory.is_some(),
+    let flag_set = |field: &str| match field {
         "machine.scratch_mib" => args.scratch.is_some(),
         "build.timeout_secs" => args.timeout.is_some(),
-        _ => false,
+        other => m.sets(other),
     };
-    recipe.check_host_limits(&recipe_file, args.network == Some(Network::Nat), overridden)?;
-    let section = &mut recipe.machine;
-    section.cpu_model = m.cpu_model.clone().or(section.cpu_model.take());
-    section.cpus = m.cpus.or(section.cpus);
-    section.memory_mib = m.memory.or(section.memory_mib);
-    section.clock = m.clock.or(section.clock);
-    section.accel = m.accel.or(section.accel);
-    section.scratch_mib = args.scratch.or(section.scratch_mib);
+    recipe.check_host_limits(&recipe_file, args.network == Some(Network::Nat), flag_set)?;
+    recipe.machine = MachineSection { scratch_mib: args.scratch.or(recipe.machine.scratch_mib), ..m.over(&recipe.machine) };
     recipe.build.network = match (args.network, recipe.build.network) {
         (Some(Network::None), _) => NetworkAccess::None,
         (Some(_), _) => NetworkAccess::Nat,
@@ -140,9 +132,9 @@ fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
     };
     let egress = egress_request(args, &recipe.build.network)?;
     recipe.build.timeout_secs = args.timeout.unwrap_or(recipe.build.timeout_secs);
-    // Overrides get the same checks as the file.
-    let text = toml::to_string(&recipe).expect("a recipe serializes");
-    let recipe = BuildRecipe::parse(&text, Path::new("the command-line overrides"))?;
+    // The flags' values get the same checks as the file's, and their errors
+    // name the flag.
+    recipe.validate(&recipe_file).map_err(|e| name_the_flag(e, flag_set))?;
 
     let store = Store::from_env()?;
     let pin_flag = m.image.clone().or_else(|| recipe.image.pin.clone());
@@ -151,6 +143,7 @@ fn request(args: &BuildArgs) -> Result<BuildRequest, Error> {
         out: args.out.clone().unwrap_or_else(|| args.src.join("out")),
         source: args.src.clone(),
         recipe_file,
+        machine: recipe.machine.resolve(),
         recipe,
         image,
         store,

@@ -18,6 +18,7 @@ use crate::image::fetch::FetchError;
 use crate::image::pin::BadPin;
 use crate::image::StoreError;
 use crate::interrupt::{self, Interrupted};
+use crate::rebuild::recipe::{BuildRecipeError, MachineSection, FLAG_FIELDS};
 use crate::vm::{AccelChoice, VmError};
 use crate::{Exit, ExitCode};
 
@@ -129,16 +130,16 @@ pub struct MachineArgs {
     #[arg(long, env = "REPROVM_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
     /// Named CPU model, never host or max [default: Nehalem-v1].
-    #[arg(long, value_parser = parse_cpu_model)]
+    #[arg(long)]
     pub cpu_model: Option<String>,
-    /// vCPUs [default: 2].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// vCPUs, 1 to 64 [default: 2].
+    #[arg(long)]
     pub cpus: Option<u32>,
-    /// Memory in MiB [default: 2048].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(256..=262144))]
+    /// Memory in MiB, 256 to 262144 [default: 2048].
+    #[arg(long)]
     pub memory: Option<u32>,
     /// Guest clock at boot, seconds since 1970 [default: the image's date].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub clock: Option<i64>,
     /// Seconds allowed from QEMU start to an authenticated SSH session.
     #[arg(long, default_value_t = 300)]
@@ -149,8 +150,40 @@ pub struct MachineArgs {
     pub log_limit: u64,
 }
 
-fn parse_cpu_model(value: &str) -> Result<String, String> {
-    crate::vm::args::check_cpu_model(value).map(|()| value.to_string())
+impl MachineArgs {
+    /// `base` (a recipe's `[machine]`) with the machine flags given set over it.
+    pub fn over(&self, base: &MachineSection) -> MachineSection {
+        MachineSection {
+            cpu_model: self.cpu_model.clone().or_else(|| base.cpu_model.clone()),
+            cpus: self.cpus.or(base.cpus),
+            memory_mib: self.memory.or(base.memory_mib),
+            clock: self.clock.or(base.clock),
+            accel: self.accel.or(base.accel),
+            scratch_mib: base.scratch_mib,
+        }
+    }
+
+    /// Whether a flag set the recipe field `field` (see `FLAG_FIELDS`).
+    fn sets(&self, field: &str) -> bool {
+        match field {
+            "machine.cpu_model" => self.cpu_model.is_some(),
+            "machine.cpus" => self.cpus.is_some(),
+            "machine.memory_mib" => self.memory.is_some(),
+            "machine.clock" => self.clock.is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// A recipe field's error in a value that a flag set (`set(field)`), as a
+/// usage error naming the flag; other errors as they are.
+pub fn name_the_flag(e: BuildRecipeError, set: impl Fn(&str) -> bool) -> Error {
+    if let BuildRecipeError::Field { field, value, expected, .. } = &e {
+        if let Some((_, flag)) = FLAG_FIELDS.iter().find(|(f, _)| f == field && set(f)) {
+            return Error::Usage(format!("invalid value {value:?} for {flag}: {expected}"));
+        }
+    }
+    e.into()
 }
 
 /// `reprovm image …`

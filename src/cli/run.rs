@@ -5,16 +5,17 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::time::Duration;
 
-use crate::cli::{parse_pin, Error, MachineArgs};
+use crate::cli::{name_the_flag, parse_pin, Error, MachineArgs};
 use crate::diagnostics::tail_of;
 use crate::escape::EscapingWriter;
 use crate::guest::contract::{environment, user_command, GuestUser};
 use crate::guest::{FirstContact, GuestError, GuestSession};
 use crate::image::{OpenImage, Pin, Store};
-use crate::rebuild::recipe::MachineSection;
-use crate::vm::{AccelChoice, BootOptions, Machine, Network, VmError};
+use crate::rebuild::recipe::{MachineConfig, MachineSection};
+use crate::vm::{BootOptions, Machine, Network, VmError};
 
 /// Picks the image: the pin given, else the store's only image (with
 /// `name`, when given).
@@ -39,12 +40,19 @@ pub fn resolve_image(store: &Store, pin: Option<&str>, name: Option<&str>) -> Re
     }
 }
 
-/// Boot options from the machine flags, the clock defaulting to the image's date.
-pub fn boot_options(args: &MachineArgs, image: &OpenImage) -> BootOptions {
+/// The machine flags, checked as a recipe's `[machine]` would be (errors
+/// name the flag), with the defaults for the rest.
+fn machine_config(args: &MachineArgs) -> Result<MachineConfig, Error> {
+    let section = args.over(&MachineSection::default());
+    section.validate(Path::new("the command line")).map_err(|e| name_the_flag(e, |field| args.sets(field)))?;
+    Ok(section.resolve())
+}
+
+/// Boot options for `machine`, the clock defaulting to the image's date.
+fn boot_options(args: &MachineArgs, machine: &MachineConfig, image: &OpenImage) -> BootOptions {
     BootOptions {
-        spec: MachineSection { cpu_model: args.cpu_model.clone(), cpus: args.cpus, memory_mib: args.memory, ..MachineSection::default() }
-            .spec(args.clock.unwrap_or(image.stored.layout.metadata.source_date_epoch)),
-        accel: args.accel.unwrap_or(AccelChoice::Auto),
+        spec: machine.spec(machine.clock.unwrap_or(image.stored.layout.metadata.source_date_epoch)),
+        accel: machine.accel,
         qemu: args.qemu.clone(),
         boot_timeout: Duration::from_secs(args.boot_timeout),
         runtime_dir: std::env::temp_dir(),
@@ -58,12 +66,13 @@ pub fn boot_options(args: &MachineArgs, image: &OpenImage) -> BootOptions {
 /// Boots the builder; returns it and the command line that runs `command`
 /// there as the build user, with the build's environment and `extra`.
 async fn boot(args: &MachineArgs, command: &str, extra: &[(String, String)]) -> Result<(Machine, String), Error> {
+    let machine = machine_config(args)?;
     let store = Store::from_env()?;
     let pin = resolve_image(&store, args.image.as_deref(), None)?;
     // The hash runs while QEMU starts and the kernel boots (Machine::boot
     // waits for it before the first command).
     let (image, check) = tokio::task::spawn_blocking(move || store.open_checking(pin)).await.expect("open thread panicked")?;
-    let opts = boot_options(args, &image);
+    let opts = boot_options(args, &machine, &image);
     let mut machine = Machine::boot(&image, check, &opts).await?;
     // The clock check every build makes, before the user's command.
     let (pinned, started) = (opts.spec.clock, machine.qemu_started);

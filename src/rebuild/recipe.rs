@@ -35,6 +35,17 @@ pub const CEILINGS: [(&str, u64, &str); 4] = [
     ("build.timeout_secs", 21_600, "--timeout"),
 ];
 
+/// The recipe fields a command-line flag sets: (field, flag). A flag's
+/// value gets the field's checks, and an error names the flag.
+pub const FLAG_FIELDS: [(&str, &str); 6] = [
+    ("machine.cpu_model", "--cpu-model"),
+    ("machine.cpus", "--cpus"),
+    ("machine.memory_mib", "--memory"),
+    ("machine.clock", "--clock"),
+    ("machine.scratch_mib", "--scratch"),
+    ("build.timeout_secs", "--timeout"),
+];
+
 /// A build recipe as written.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -88,21 +99,70 @@ pub struct MachineSection {
     pub accel: Option<AccelChoice>,
 }
 
-impl MachineSection {
-    /// The guest-visible machine, with the defaults for what is not set.
+/// The machine a build or `run` gets: `[machine]` and the flags, with
+/// the defaults for what neither set, resolved once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// Named CPU model.
+    pub cpu_model: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// The clock asked for; `None`: the clock policy decides (the image's
+    /// date, or SOURCE_DATE_EPOCH when that is later).
+    pub clock: Option<i64>,
+    /// Scratch disk in MiB.
+    pub scratch_mib: u64,
+    /// Accelerator choice.
+    pub accel: AccelChoice,
+}
+
+impl MachineConfig {
+    /// The guest-visible machine, its clock at boot being `clock`.
     pub fn spec(&self, clock: i64) -> MachineSpec {
-        MachineSpec {
+        MachineSpec { cpu_model: self.cpu_model.clone(), cpus: self.cpus, memory_mib: self.memory_mib, clock }
+    }
+}
+
+impl MachineSection {
+    /// The section with the defaults for what it does not set.
+    pub fn resolve(&self) -> MachineConfig {
+        MachineConfig {
             cpu_model: self.cpu_model.clone().unwrap_or_else(|| crate::vm::args::DEFAULT_CPU_MODEL.to_string()),
             cpus: self.cpus.unwrap_or(DEFAULT_CPUS),
             memory_mib: self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
-            clock,
+            clock: self.clock,
+            scratch_mib: self.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB),
+            accel: self.accel.unwrap_or(AccelChoice::Auto),
         }
     }
 
-    /// The scratch disk's size in MiB.
-    pub fn scratch(&self) -> u64 {
-        self.scratch_mib.unwrap_or(DEFAULT_SCRATCH_MIB)
+    /// Checks every value set; `path` names where they come from.
+    pub fn validate(&self, path: &Path) -> Result<(), BuildRecipeError> {
+        let bad = |field: &str, value: &dyn std::fmt::Display, expected: &str| field_error(path, field, value, expected);
+        if let Some(model) = &self.cpu_model {
+            crate::vm::args::check_cpu_model(model).map_err(|e| bad("machine.cpu_model", model, &e))?;
+        }
+        if let Some(cpus) = self.cpus.filter(|c| !(1..=64).contains(c)) {
+            return Err(bad("machine.cpus", &cpus, "1 to 64"));
+        }
+        if let Some(memory) = self.memory_mib.filter(|m| !(256..=262_144).contains(m)) {
+            return Err(bad("machine.memory_mib", &memory, "256 to 262144"));
+        }
+        if let Some(scratch) = self.scratch_mib.filter(|m| !(64..=4_194_304).contains(m)) {
+            return Err(bad("machine.scratch_mib", &scratch, "64 to 4194304"));
+        }
+        if let Some(clock) = self.clock.filter(|c| !(0..=253_402_300_799).contains(c)) {
+            return Err(bad("machine.clock", &clock, "seconds since 1970, before the year 10000"));
+        }
+        Ok(())
     }
+}
+
+/// A [`BuildRecipeError::Field`].
+fn field_error(path: &Path, field: &str, value: &dyn std::fmt::Display, expected: &str) -> BuildRecipeError {
+    BuildRecipeError::Field { path: path.to_path_buf(), field: field.to_string(), value: value.to_string(), expected: expected.to_string() }
 }
 
 /// `[build]`
@@ -332,31 +392,13 @@ impl BuildRecipe {
         Ok(recipe)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), BuildRecipeError> {
-        let bad = |field: &str, value: &dyn std::fmt::Display, expected: &str| BuildRecipeError::Field {
-            path: path.to_path_buf(),
-            field: field.to_string(),
-            value: value.to_string(),
-            expected: expected.to_string(),
-        };
+    /// Checks every value; `path` names the recipe in errors.
+    pub fn validate(&self, path: &Path) -> Result<(), BuildRecipeError> {
+        let bad = |field: &str, value: &dyn std::fmt::Display, expected: &str| field_error(path, field, value, expected);
         if let Some(pin) = &self.image.pin {
             pin.parse::<Pin>().map_err(|e| bad("image.pin", pin, &e.to_string()))?;
         }
-        if let Some(model) = &self.machine.cpu_model {
-            crate::vm::args::check_cpu_model(model).map_err(|e| bad("machine.cpu_model", model, &e))?;
-        }
-        if let Some(cpus) = self.machine.cpus.filter(|c| !(1..=64).contains(c)) {
-            return Err(bad("machine.cpus", &cpus, "1 to 64"));
-        }
-        if let Some(memory) = self.machine.memory_mib.filter(|m| !(256..=262_144).contains(m)) {
-            return Err(bad("machine.memory_mib", &memory, "256 to 262144"));
-        }
-        if let Some(scratch) = self.machine.scratch_mib.filter(|m| !(64..=4_194_304).contains(m)) {
-            return Err(bad("machine.scratch_mib", &scratch, "64 to 4194304"));
-        }
-        if let Some(clock) = self.machine.clock.filter(|c| !(0..=253_402_300_799).contains(c)) {
-            return Err(bad("machine.clock", &clock, "seconds since 1970, before the year 10000"));
-        }
+        self.machine.validate(path)?;
         let build = &self.build;
         if build.command.trim().is_empty() || build.command.contains('\0') {
             return Err(bad("build.command", &build.command, "a non-empty shell command line without NUL bytes"));

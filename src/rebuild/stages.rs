@@ -20,11 +20,11 @@ use crate::path_error::path_error;
 use crate::rebuild::artifacts::{self, Artifact};
 use crate::rebuild::guest_steps::{guest_build, guest_collect, in_guest};
 use crate::rebuild::output::OutputDir;
-use crate::rebuild::recipe::BuildRecipe;
+use crate::rebuild::recipe::{BuildRecipe, MachineConfig};
 use crate::rebuild::result::{BuildResult, EgressRecord, Inputs, MachineRecord, RecipeRecord, Timings, RESULT_FORMAT};
 use crate::rebuild::source::SourceTree;
 use crate::rebuild::RebuildError;
-use crate::vm::{AccelChoice, BootOptions, EgressRelay, ExtraDisk, LaunchedMachine, Machine, Network};
+use crate::vm::{BootOptions, EgressRelay, ExtraDisk, LaunchedMachine, Machine, Network};
 
 /// One build to run, validated by the command line.
 #[derive(Clone, Debug)]
@@ -35,6 +35,8 @@ pub struct BuildRequest {
     pub recipe_file: PathBuf,
     /// The recipe with command-line overrides applied.
     pub recipe: BuildRecipe,
+    /// Its machine, resolved (the defaults for what neither set).
+    pub machine: MachineConfig,
     /// The image to boot.
     pub image: Pin,
     /// The store holding it.
@@ -120,7 +122,7 @@ fn prepare_disks(req: &BuildRequest, staging: &Path, machine_clock: i64) -> Resu
         (None, None) => (machine_clock, "clock"),
     };
     let source = tree.record(epoch)?;
-    let scratch_mib = req.recipe.machine.scratch();
+    let scratch_mib = req.machine.scratch_mib;
     let source_mib = source.bytes.div_ceil(1 << 20);
     if source_mib + source_mib / 5 + 64 > scratch_mib {
         return Err(RebuildError::ScratchTooSmall { recipe: req.recipe_file.clone(), source_mib, scratch_mib });
@@ -222,7 +224,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
     // only once the hash matched (Machine::boot).
     let (store, pin) = (req.store.clone(), req.image);
     let (image, check) = blocking(move || store.open_checking(pin)).await?;
-    let clock = ClockPolicy { recipe: req.recipe.machine.clock, image_date: image.stored.layout.metadata.source_date_epoch };
+    let clock = ClockPolicy { recipe: req.machine.clock, image_date: image.stored.layout.metadata.source_date_epoch };
 
     let (prepared, took) = stage(progress, "archiving the source", false, async {
         let (req, staging, fallback) = (req.clone(), output.path().to_path_buf(), clock.fallback_epoch());
@@ -242,8 +244,8 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
 
     let egress = start_egress(req, prepared.disks.dir.path())?;
     let opts = BootOptions {
-        spec: req.recipe.machine.spec(clock.at_boot(prepared.epoch)),
-        accel: req.recipe.machine.accel.unwrap_or(AccelChoice::Auto),
+        spec: req.machine.spec(clock.at_boot(prepared.epoch)),
+        accel: req.machine.accel,
         qemu: req.qemu.clone(),
         boot_timeout: req.boot_timeout,
         runtime_dir: std::env::temp_dir(),
@@ -261,7 +263,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
         None => None,
     };
     let (launched, facts, artifacts) = guest?;
-    let machine = MachineRecord { launched, network: opts.network, scratch_mib: req.recipe.machine.scratch() };
+    let machine = MachineRecord { launched, network: opts.network, scratch_mib: req.machine.scratch_mib };
     timings.total = total.elapsed().as_secs_f64();
     let result = assemble_result(req, &image, prepared, machine, (facts, artifacts), egress, timings)?;
     write_results(output.path(), &result)?;
