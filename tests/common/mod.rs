@@ -74,20 +74,8 @@ pub fn test_image() -> (String, PathBuf) {
 /// A `reprovm` command that sees the real store (for the test image) but
 /// keeps its per-run files in `tmp`.
 pub fn reprovm_vm(tmp: &Path) -> Command {
-    reprovm_vm_wrapped(tmp, &[])
-}
-
-/// Like [`reprovm_vm`], run through `wrapper` (e.g. `taskset -c 0`).
-pub fn reprovm_vm_wrapped(tmp: &Path, wrapper: &[&str]) -> Command {
     let (pin, cache) = test_image();
-    let mut cmd = match wrapper {
-        [] => Command::new(env!("CARGO_BIN_EXE_reprovm")),
-        [program, args @ ..] => {
-            let mut c = Command::new(program);
-            c.args(args).arg(env!("CARGO_BIN_EXE_reprovm"));
-            c
-        }
-    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reprovm"));
     cmd.env("XDG_CACHE_HOME", cache).env("TMPDIR", tmp).env("REPROVM_IMAGE", pin).env_remove("REPROVM_QEMU");
     cmd
 }
