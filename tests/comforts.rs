@@ -1,6 +1,7 @@
 //! The command-line comforts, checked without a VM: shell completions and
 //! man pages generated from the clap definitions (checked by bash and by
-//! man(1) itself), `--json` outputs parsed back, and `doctor` on this host.
+//! man(1) itself), `--json` outputs parsed back, a `--progress json` that
+//! fails before any boot, and `doctor` on this host.
 
 mod common;
 
@@ -80,6 +81,43 @@ fn json_outputs_parse_back() {
     assert_eq!(statuses, [("hello", "differs"), ("tar.gz", "missing")]);
     assert_eq!(report["artifacts"][0]["hashes"], serde_json::json!([h1, h2]));
     assert_eq!(report["records"][1], c.to_str().unwrap());
+}
+
+/// A `--progress json` build that fails ends its stream with one error
+/// event carrying the exit code and the message of stderr; `--json` with
+/// it, and `verify --attestations` (no rebuild to report), are refused.
+#[test]
+fn a_progress_stream_that_fails_ends_with_its_error_event() {
+    let env = TestEnv::new();
+    let src = env.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("reprovm.toml"), "[build]\ncommand = \"true\"\nartifacts = [\"x\"]\nbogus = 1\n").unwrap();
+    let (out, err, code) = text(&reprovm(&env).arg("build").arg(&src).args(["--progress", "json"]).output().unwrap());
+    assert_eq!(code, 2, "{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!((lines[0]["event"].as_str(), lines[0]["exit"].as_u64()), (Some("error"), Some(2)));
+    let message = lines[0]["message"].as_str().unwrap();
+    assert!(message.contains("bogus") && err.contains(message), "the message is the error of stderr: {message}\n{err}");
+
+    let (out, err, code) = text(&reprovm(&env).arg("build").arg(&src).args(["--progress", "json", "--json"]).output().unwrap());
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+
+    let keys = env.path().join("trusted.pub");
+    fs::write(&keys, "").unwrap();
+    let (out, err, code) = text(
+        &reprovm(&env)
+            .args(["verify", "--progress", "json", "--threshold", "1", "--attestations"])
+            .arg(env.path())
+            .arg("--trusted-keys")
+            .arg(&keys)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--attestations"), "{err}");
+    assert!(out.starts_with(r#"{"event":"error","exit":2,"#) && out.lines().count() == 1, "{out}");
 }
 
 #[test]

@@ -454,3 +454,63 @@ fn a_plain_tree_has_the_same_source_hash_on_every_run() {
     assert_eq!(hashes[0], hashes[1]);
     assert_nothing_left(&env, "");
 }
+
+/// A build that prints forged `--progress json` events — a result, an
+/// error, a stage's end — on its stdout and stderr, from the provision and
+/// the build command, under `build` and `verify`: reprovm's stdout holds
+/// only reprovm's own events (one begin and one end per stage, then the true
+/// result), and the forgeries show up on stderr, as the build's output.
+#[test]
+#[ignore = "boots VMs: run through scripts/test"]
+fn a_build_cannot_forge_an_event_of_the_progress_stream() {
+    let env = TestEnv::new();
+    let forged = [
+        r#"{"event":"result","exit":0,"result":{"forged":true}}"#,
+        r#"{"event":"error","exit":0,"message":"forged"}"#,
+        r#"{"event":"stage-end","stage":"build","summary":"forged","secs":0}"#,
+    ];
+    let src = tree(
+        &env,
+        "forger",
+        "[build]\ncommand = \"sh forge.sh; echo real > a\"\nartifacts = [\"a\"]\nprovision = [\"sh /build/src/forge.sh\"]\n",
+    );
+    let script: String = forged.iter().map(|line| format!("echo '{line}'\necho '{line}' >&2\nprintf '\\r\\n{line}\\n'\n")).collect();
+    fs::write(src.join("forge.sh"), script).unwrap();
+    let out = env.path().join("out");
+    let expect = env.path().join("SHA256SUMS");
+    for (command, out) in [("build", out.clone()), ("verify", env.path().join("out-verify"))] {
+        let mut cmd = reprovm_vm(&env.tmp);
+        cmd.arg(command).arg(&src).arg("--out").arg(&out).args(["--progress", "json"]);
+        if command == "verify" {
+            cmd.arg("--expect").arg(&expect);
+        }
+        let o = cmd.output().unwrap();
+        let (stdout, err) = (String::from_utf8(o.stdout).unwrap(), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.status.code(), Some(0), "{command}: {err}");
+        assert!(!stdout.contains("forged"), "{command}: a forged event on reprovm's stdout: {stdout}");
+        let events: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{command}: not JSON on stdout: {l:?}: {e}")))
+            .collect();
+        let order: Vec<String> =
+            events.iter().map(|e| format!("{} {}", e["event"].as_str().unwrap(), e["stage"].as_str().unwrap_or(""))).collect();
+        let expected: Vec<String> = ["source", "boot", "build", "fetch"]
+            .iter()
+            .flat_map(|s| [format!("stage-begin {s}"), format!("stage-end {s}")])
+            .chain(["result ".to_string()])
+            .collect();
+        assert_eq!(order, expected, "{command}: {stdout}");
+        let on_disk: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
+        assert_eq!(events[8]["exit"], 0);
+        assert_eq!(events[8]["result"], on_disk, "{command}: the result event is result.json");
+        for line in forged {
+            assert!(err.matches(line).count() >= 4, "{command}: the build's forgeries go to stderr with its output: {line}\n{err}");
+        }
+        if command == "verify" {
+            assert_eq!(events[8]["comparison"]["identical"], true, "{stdout}");
+        } else {
+            fs::copy(out.join("SHA256SUMS"), &expect).unwrap();
+        }
+    }
+    assert_nothing_left(&env, "");
+}

@@ -1,8 +1,10 @@
 //! `reprovm build`, `verify` and `compare`: recipe and flags become a
-//! validated [`BuildRequest`], the build runs with progress on stderr, and
-//! stdout carries only what a script would read (SHA256SUMS, result.json,
-//! the comparison table).
+//! validated [`BuildRequest`], the build runs with progress on stderr (or,
+//! with `--progress json`, as JSON lines on stdout), and stdout carries only
+//! what a script would read (SHA256SUMS, result.json, the comparison table,
+//! the events).
 
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -20,7 +22,7 @@ use crate::image::Store;
 use crate::rebuild::artifacts::sha256sums;
 use crate::rebuild::compare::{all_identical, compare_rows, differing_inputs, render_inputs, render_rows, Status};
 use crate::rebuild::recipe::{MachineSection, NetworkAccess};
-use crate::rebuild::{rebuild, BuildRecipe, BuildRequest, BuildResult, EgressRequest, Progress, Record, BUILD_RECIPE_FILE};
+use crate::rebuild::{rebuild, BuildRecipe, BuildRequest, BuildResult, EgressRequest, Progress, Record, Stage, BUILD_RECIPE_FILE};
 use crate::terminal;
 use crate::vm::Network;
 use crate::Exit;
@@ -68,11 +70,27 @@ pub struct BuildArgs {
     /// `result`, instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// How the stages are reported: `human`, a line each on stderr; `json`,
+    /// stdout becomes JSON lines written by reprovm alone (stage-begin and
+    /// stage-end per stage, then one result or error event, which carries
+    /// what --json prints: the two conflict). The build's output stays on
+    /// stderr.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = ProgressFormat::Human, conflicts_with = "json")]
+    pub progress: ProgressFormat,
     /// Sign the provenance with this OpenSSH Ed25519 private key
     /// (provenance.intoto.dsse.json); an encrypted key is opened with
     /// REPROVM_KEY_PASSPHRASE or a terminal prompt, before the build starts.
     #[arg(long, value_name = "KEY")]
     pub sign: Option<PathBuf>,
+}
+
+/// How a build reports its stages (`--progress`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressFormat {
+    /// A line per stage on stderr, with a spinner on a terminal.
+    Human,
+    /// JSON lines on stdout, written by reprovm alone.
+    Json,
 }
 
 /// Stage lines on stderr, with a spinner while a stage runs on a terminal;
@@ -82,7 +100,8 @@ struct StageProgress {
 }
 
 impl Progress for StageProgress {
-    fn begin(&self, what: &str, streams_output: bool) {
+    fn begin(&self, stage: Stage, streams_output: bool) {
+        let what = stage.what();
         if streams_output {
             terminal::note(format_args!("{what}…"));
             return;
@@ -90,7 +109,7 @@ impl Progress for StageProgress {
         *self.spinner.lock().expect("spinner lock") = Some(terminal::spinner(&format!("{what}…")));
     }
 
-    fn end(&self, summary: &str, took: Duration) {
+    fn end(&self, _: Stage, summary: &str, took: Duration) {
         if let Some(bar) = self.spinner.lock().expect("spinner lock").take() {
             bar.finish_and_clear();
         }
@@ -99,6 +118,87 @@ impl Progress for StageProgress {
 
     fn bar(&self) -> ProgressBar {
         self.spinner.lock().expect("spinner lock").clone().unwrap_or_else(ProgressBar::hidden)
+    }
+}
+
+/// One event of the `--progress json` stream.
+#[derive(serde::Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+enum Event<'a> {
+    StageBegin {
+        stage: &'static str,
+        what: &'static str,
+    },
+    StageEnd {
+        stage: &'static str,
+        summary: &'a str,
+        secs: f64,
+    },
+    Result {
+        exit: u8,
+        result: &'a BuildResult,
+        /// `verify`: the comparison, as `verify --json` prints it (without
+        /// its copy of the result).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        comparison: Option<&'a serde_json::Value>,
+    },
+    Error {
+        exit: u8,
+        message: &'a str,
+    },
+}
+
+/// The `--progress json` stream: one JSON object per line, each written
+/// whole and flushed. Only reprovm writes it (the guest's output goes to
+/// stderr); a stream that cannot be written (a reader that went away)
+/// does not stop the build or its clean-up.
+pub struct Events<W: Write + Send> {
+    out: Mutex<W>,
+}
+
+impl Events<io::Stdout> {
+    /// The stream on stdout.
+    pub fn stdout() -> Self {
+        Events::new(io::stdout())
+    }
+}
+
+impl<W: Write + Send> Events<W> {
+    fn new(out: W) -> Self {
+        Events { out: Mutex::new(out) }
+    }
+
+    fn emit(&self, event: &Event) {
+        let line = serde_json::to_string(event).expect("an event serializes") + "\n";
+        let mut out = self.out.lock().expect("events lock");
+        let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+    }
+
+    /// The last event of a command that failed: its exit code and its
+    /// error chain, escaped as on stderr.
+    pub fn error(&self, exit: u8, message: &str) {
+        self.emit(&Event::Error { exit, message });
+    }
+
+    /// The last event of a build that finished (`verify`: exit 0 or 1, and
+    /// the comparison).
+    fn result(&self, exit: u8, result: &BuildResult, comparison: Option<&serde_json::Value>) {
+        self.emit(&Event::Result { exit, result, comparison });
+    }
+}
+
+impl<W: Write + Send> Progress for Events<W> {
+    fn begin(&self, stage: Stage, _: bool) {
+        self.emit(&Event::StageBegin { stage: stage.name(), what: stage.what() });
+    }
+
+    fn end(&self, stage: Stage, summary: &str, took: Duration) {
+        let secs = (took.as_secs_f64() * 1000.0).round() / 1000.0;
+        self.emit(&Event::StageEnd { stage: stage.name(), summary, secs });
+    }
+
+    fn bar(&self) -> ProgressBar {
+        ProgressBar::hidden()
     }
 }
 
@@ -186,10 +286,12 @@ fn egress_request(args: &BuildArgs, network: &NetworkAccess) -> Result<EgressReq
     Ok(EgressRequest { allow, allow_cli, replay, fetch_missing: args.replay_fetch })
 }
 
-async fn run_build(req: BuildRequest) -> Result<BuildResult, Error> {
-    let progress = StageProgress { spinner: Mutex::new(None) };
+async fn run_build(req: BuildRequest, format: ProgressFormat) -> Result<BuildResult, Error> {
     let (out, signed) = (req.out.clone(), req.sign.is_some());
-    let result = rebuild(req, &progress).await?;
+    let result = match format {
+        ProgressFormat::Human => rebuild(req, &StageProgress { spinner: Mutex::new(None) }).await?,
+        ProgressFormat::Json => rebuild(req, &Events::stdout()).await?,
+    };
     let signed = if signed { ", provenance.intoto.dsse.json" } else { "" };
     terminal::note(format_args!(
         "output in {}: {} artifacts, SHA256SUMS, result.json, provenance.intoto.json{signed}, build.log, serial.log",
@@ -201,8 +303,10 @@ async fn run_build(req: BuildRequest) -> Result<BuildResult, Error> {
 
 /// `reprovm build`.
 pub async fn build(args: BuildArgs) -> Result<u8, Error> {
-    let result = run_build(request(&args)?).await?;
-    if args.json {
+    let result = run_build(request(&args)?, args.progress).await?;
+    if args.progress == ProgressFormat::Json {
+        Events::stdout().result(Exit::Ok.code(), &result, None);
+    } else if args.json {
         println!("{}", serde_json::to_string_pretty(&result).expect("a result serializes"));
     } else {
         print!("{}", sha256sums(&result.outputs));
@@ -211,8 +315,9 @@ pub async fn build(args: BuildArgs) -> Result<u8, Error> {
 }
 
 /// Runs diffoscope on each differing artifact whose expected copy lies
-/// beside the expected file; reports go to OUT/diffoscope/.
-fn diffoscope_reports(rows: &[crate::rebuild::compare::Row], expected_dir: &Path, out: &Path) {
+/// beside the expected file; reports go to OUT/diffoscope/. With
+/// `--progress json` diffoscope's stdout goes to stderr: stdout is reprovm's.
+fn diffoscope_reports(rows: &[crate::rebuild::compare::Row], expected_dir: &Path, out: &Path, format: ProgressFormat) {
     let differing: Vec<&str> = rows.iter().filter(|r| r.status == Status::Differs).map(|r| r.path.as_str()).collect();
     if differing.is_empty() {
         return;
@@ -235,7 +340,12 @@ fn diffoscope_reports(rows: &[crate::rebuild::compare::Row], expected_dir: &Path
         if let Some(parent) = report.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
-        let status = Command::new("diffoscope").arg("--text").arg(&report).arg(&expected).arg(out.join(path)).stdin(Stdio::null()).status();
+        let mut diffoscope = Command::new("diffoscope");
+        diffoscope.arg("--text").arg(&report).arg(&expected).arg(out.join(path)).stdin(Stdio::null());
+        if format == ProgressFormat::Json {
+            diffoscope.stdout(io::stderr());
+        }
+        let status = diffoscope.status();
         match status {
             Ok(_) => terminal::say(format_args!("diffoscope report for {}: {}", escape(path), report.display())),
             Err(e) => terminal::say(format_args!("diffoscope failed on {}: {e}", escape(path))),
@@ -257,21 +367,24 @@ pub async fn verify(args: BuildArgs, expect: PathBuf, diffoscope: bool) -> Resul
         }
     }
     let out = req.out.clone();
-    let result = run_build(req).await?;
+    let result = run_build(req, args.progress).await?;
     let actual = Record {
         file: out.join("result.json"),
         hashes: result.outputs.iter().map(|a| (a.path.clone(), a.sha256.clone())).collect(),
         result: Some(result.clone()),
     };
     let rows = compare_rows(&[&expected, &actual], true);
-    if args.json {
+    let identical = all_identical(&rows);
+    if args.progress == ProgressFormat::Json {
+        let report = comparison_json(&[expect.clone(), actual.file.clone()], &rows, &[&expected, &actual]);
+        Events::stdout().result(if identical { Exit::Ok } else { Exit::Differ }.code(), &result, Some(&report));
+    } else if args.json {
         let mut report = comparison_json(&[expect.clone(), actual.file.clone()], &rows, &[&expected, &actual]);
         report["result"] = serde_json::to_value(&result).expect("a result serializes");
         println!("{}", serde_json::to_string_pretty(&report).expect("JSON values serialize"));
     } else {
         println!("{}", render_rows(&rows, &["expected".into(), "rebuilt".into()]));
     }
-    let identical = all_identical(&rows);
     if identical {
         terminal::note(format_args!("all {} artifacts are identical to {}", rows.len(), expect.display()));
         return Ok(Exit::Ok.code());
@@ -280,7 +393,7 @@ pub async fn verify(args: BuildArgs, expect: PathBuf, diffoscope: bool) -> Resul
     terminal::say(format_args!("{bad} of {} artifacts do not match {}", rows.len(), expect.display()));
     terminal::say_raw(format_args!("{}", render_inputs(&differing_inputs(&[&expected, &actual]), &["expected".into(), "rebuilt".into()])));
     if diffoscope {
-        diffoscope_reports(&rows, expect.parent().unwrap_or(Path::new(".")), &out);
+        diffoscope_reports(&rows, expect.parent().unwrap_or(Path::new(".")), &out, args.progress);
     } else {
         terminal::note(format_args!(
             "(--diffoscope shows what differs inside each artifact; it opens them on this host, see docs/security.md)"
@@ -331,4 +444,77 @@ pub fn compare(files: Vec<PathBuf>, json: bool) -> Result<u8, Error> {
         terminal::say(format_args!("(give result.json files to see which recorded inputs differ)"));
     }
     Ok(Exit::Differ.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attest::statement::tests::sample_result;
+
+    /// The lines an `Events` on a buffer wrote, each parsed.
+    fn lines(events: Events<Vec<u8>>) -> Vec<serde_json::Value> {
+        let bytes = events.out.into_inner().unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.ends_with('\n'), "{text:?}");
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"))).collect()
+    }
+
+    #[test]
+    fn a_build_is_one_json_object_per_line_ending_in_its_result() {
+        let events = Events::new(Vec::new());
+        for stage in [Stage::Source, Stage::Boot, Stage::Build, Stage::Fetch] {
+            events.begin(stage, stage == Stage::Build);
+            events.end(stage, "done: \"quoted\"\nand a second line", Duration::from_micros(2_314_159));
+        }
+        let result = sample_result();
+        events.result(0, &result, None);
+        let lines = lines(events);
+        assert_eq!(lines.len(), 9);
+        let names: Vec<(&str, &str)> = lines[..8].iter().map(|l| (l["event"].as_str().unwrap(), l["stage"].as_str().unwrap())).collect();
+        assert_eq!(
+            names,
+            [
+                ("stage-begin", "source"),
+                ("stage-end", "source"),
+                ("stage-begin", "boot"),
+                ("stage-end", "boot"),
+                ("stage-begin", "build"),
+                ("stage-end", "build"),
+                ("stage-begin", "fetch"),
+                ("stage-end", "fetch"),
+            ]
+        );
+        assert_eq!(lines[2], serde_json::json!({ "event": "stage-begin", "stage": "boot", "what": "booting the builder" }));
+        assert_eq!(
+            lines[3],
+            serde_json::json!({ "event": "stage-end", "stage": "boot", "summary": "done: \"quoted\"\nand a second line", "secs": 2.314 })
+        );
+        assert_eq!(lines[8]["event"], "result");
+        assert_eq!(lines[8]["exit"], 0);
+        assert_eq!(lines[8]["result"], serde_json::to_value(&result).unwrap(), "the result is result.json's object");
+        assert!(lines[8].get("comparison").is_none());
+    }
+
+    #[test]
+    fn verify_adds_the_comparison_and_a_failure_ends_with_its_code() {
+        let events = Events::new(Vec::new());
+        let comparison = serde_json::json!({ "identical": false });
+        events.result(1, &sample_result(), Some(&comparison));
+        events.error(130, "interrupted by SIGINT");
+        let lines = lines(events);
+        assert_eq!((lines[0]["event"].as_str(), lines[0]["exit"].as_u64()), (Some("result"), Some(1)));
+        assert_eq!(lines[0]["comparison"], comparison);
+        assert_eq!(lines[1], serde_json::json!({ "event": "error", "exit": 130, "message": "interrupted by SIGINT" }));
+    }
+
+    #[test]
+    fn a_stream_nobody_reads_any_more_stops_nothing() {
+        // A pipe whose reader is gone: every write fails with EPIPE.
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        drop(reader);
+        let events = Events::new(std::fs::File::from(writer));
+        events.begin(Stage::Source, false);
+        events.end(Stage::Source, "source archived", Duration::from_secs(1));
+        events.error(4, "QEMU exited");
+    }
 }

@@ -376,16 +376,21 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
-/// Prints an error and its chain of causes to stderr, once. Errors quote
-/// names, logs and consoles from outside, so the text is escaped.
-pub fn report(err: &(dyn std::error::Error + 'static)) {
-    let mut text = format!("error: {err}");
+/// An error and its chain of causes, escaped: errors quote names, logs and
+/// consoles from outside.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
         text.push_str(&format!("\n  caused by: {cause}"));
         source = cause.source();
     }
-    crate::terminal::say(format_args!("{}", crate::escape::escape(&text)));
+    crate::escape::escape(&text).into_owned()
+}
+
+/// Prints an error and its chain of causes to stderr, once, escaped.
+pub fn report(err: &(dyn std::error::Error + 'static)) {
+    crate::terminal::say(format_args!("error: {}", error_chain(err)));
 }
 
 /// Runs the command and returns the process exit code. A signal cancels the
@@ -395,6 +400,11 @@ pub async fn execute(args: Args) -> u8 {
         crate::terminal::say(format_args!("error: cannot install signal handlers: {e}"));
         return Exit::Usage.code();
     }
+    // `--progress json`: a failure ends the stream with an error event.
+    let events = match &args.command {
+        Commands::Build(build) | Commands::Verify { build, .. } => build.progress == build::ProgressFormat::Json,
+        _ => false,
+    };
     let command = async {
         match args.command {
             Commands::Image(cmd) => image::execute(cmd).await.map(Exit::code),
@@ -402,6 +412,7 @@ pub async fn execute(args: Args) -> u8 {
             Commands::Shell { machine } => run::shell(machine).await,
             Commands::Build(args) => build::build(args).await,
             Commands::Verify { build: args, expect, diffoscope, agreement } => match (&agreement.attestations, expect) {
+                (Some(_), _) if events => Err(Error::Usage("--progress json reports a rebuild, which --attestations does not run".into())),
                 (Some(_), expect) => attest::verify(agreement, expect, args.sign),
                 (None, Some(expect)) => build::verify(args, expect, diffoscope).await,
                 (None, None) => Err(Error::Usage("verify needs --expect FILE (or --attestations DIR)".into())),
@@ -425,6 +436,9 @@ pub async fn execute(args: Args) -> u8 {
         Ok(code) => code,
         Err(err) => {
             report(&err);
+            if events {
+                build::Events::stdout().error(err.exit().code(), &error_chain(&err));
+            }
             err.exit().code()
         }
     }

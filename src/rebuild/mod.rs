@@ -13,7 +13,7 @@ pub mod stages;
 
 pub use recipe::{BuildRecipe, BuildRecipeError, BUILD_RECIPE_FILE};
 pub use result::{BuildResult, Record, RecordError};
-pub use stages::{rebuild, BuildRequest, EgressRequest, Progress};
+pub use stages::{rebuild, BuildRequest, EgressRequest, Progress, Stage};
 
 use crate::diagnostics::section;
 use crate::egress::EgressError;

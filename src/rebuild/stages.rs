@@ -72,13 +72,48 @@ pub struct EgressRequest {
     pub fetch_missing: bool,
 }
 
+/// The stages a build reports, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The source archived onto the scratch disk.
+    Source,
+    /// The builder booted, its facts taken.
+    Boot,
+    /// The provision and build commands.
+    Build,
+    /// The artifacts collected, QEMU stopped, the artifacts extracted.
+    Fetch,
+}
+
+impl Stage {
+    /// Its stable name (`--progress json`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Source => "source",
+            Stage::Boot => "boot",
+            Stage::Build => "build",
+            Stage::Fetch => "fetch",
+        }
+    }
+
+    /// What a person reads while it runs.
+    pub fn what(self) -> &'static str {
+        match self {
+            Stage::Source => "archiving the source",
+            Stage::Boot => "booting the builder",
+            Stage::Build => "building",
+            Stage::Fetch => "fetching the artifacts",
+        }
+    }
+}
+
 /// Where a build reports its stages: a spinner on a terminal, plain lines
 /// otherwise.
 pub trait Progress: Send + Sync {
     /// A stage begins; `streams_output` when its output follows on stderr.
-    fn begin(&self, what: &str, streams_output: bool);
-    /// The current stage ended; `summary` says what it did.
-    fn end(&self, summary: &str, took: Duration);
+    fn begin(&self, stage: Stage, streams_output: bool);
+    /// The stage ended; `summary` says what it did.
+    fn end(&self, stage: Stage, summary: &str, took: Duration);
     /// The current stage's bar, on which it may show what it is at (hidden
     /// when none is drawn).
     fn bar(&self) -> indicatif::ProgressBar;
@@ -176,7 +211,7 @@ pub async fn rebuild(req: BuildRequest, progress: &dyn Progress) -> Result<Build
 /// its work returns. Returns the work's value and how long the stage took.
 async fn stage<T>(
     progress: &dyn Progress,
-    name: &str,
+    name: Stage,
     streams_output: bool,
     work: impl std::future::Future<Output = Result<(T, String), RebuildError>>,
 ) -> Result<(T, Duration), RebuildError> {
@@ -184,7 +219,7 @@ async fn stage<T>(
     let start = Instant::now();
     let (value, summary) = work.await?;
     let took = start.elapsed();
-    progress.end(&summary, took);
+    progress.end(name, &summary, took);
     Ok((value, took))
 }
 
@@ -226,7 +261,7 @@ async fn run_stages(req: &BuildRequest, output: &OutputDir, progress: &dyn Progr
     let (image, check) = blocking(move || store.open_checking(pin)).await?;
     let clock = ClockPolicy { recipe: req.machine.clock, image_date: image.stored.layout.metadata.source_date_epoch };
 
-    let (prepared, took) = stage(progress, "archiving the source", false, async {
+    let (prepared, took) = stage(progress, Stage::Source, false, async {
         let (req, staging, fallback) = (req.clone(), output.path().to_path_buf(), clock.fallback_epoch());
         let prepared = blocking(move || prepare_disks(&req, &staging, fallback)).await?;
         let summary = format!(
@@ -318,7 +353,7 @@ async fn guest_stages(
     timings: &mut Timings,
 ) -> Result<(LaunchedMachine, GuestFacts, Vec<Artifact>), RebuildError> {
     let serial_copy = output.path().join("serial.log");
-    let (mut machine, contact) = stage(progress, "booting the builder", false, async {
+    let (mut machine, contact) = stage(progress, Stage::Boot, false, async {
         let mut machine = Machine::boot(image, check, opts).await?;
         let (pinned, started) = (opts.spec.clock, machine.qemu_started);
         let contact = in_guest(&mut machine, &serial_copy, move |session| Ok(FirstContact::take(session, pinned, started)?)).await?;
@@ -337,7 +372,7 @@ async fn guest_stages(
     timings.image_verify = machine.image_check.as_secs_f64();
 
     tracing::info!("building: {}", escape(&req.recipe.build.command));
-    let (outcome, _) = stage(progress, "building", true, async {
+    let (outcome, _) = stage(progress, Stage::Build, true, async {
         let (req, epoch, log_path) = (req.clone(), prepared.epoch, output.path().join("build.log"));
         let outcome = in_guest(&mut machine, &serial_copy, move |session| guest_build(session, &req, epoch, &log_path)).await?;
         let summary = format!("build finished: the command took {:.1}s", outcome.build.as_secs_f64());
@@ -348,7 +383,7 @@ async fn guest_stages(
     timings.build = outcome.build.as_secs_f64();
 
     let (launched, facts) = (machine.launched.clone(), contact.facts);
-    let (artifacts, took) = stage(progress, "fetching the artifacts", false, async {
+    let (artifacts, took) = stage(progress, Stage::Fetch, false, async {
         let collect_limit = Duration::from_secs(req.recipe.build.timeout_secs);
         in_guest(&mut machine, &serial_copy, move |session| guest_collect(session, collect_limit)).await?;
         machine.stop(Some(&serial_copy)).await;

@@ -74,20 +74,8 @@ pub fn test_image() -> (String, PathBuf) {
 /// A `reprovm` command that sees the real store (for the test image) but
 /// keeps its per-run files in `tmp`.
 pub fn reprovm_vm(tmp: &Path) -> Command {
-    reprovm_vm_wrapped(tmp, &[])
-}
-
-/// Like [`reprovm_vm`], run through `wrapper` (e.g. `taskset -c 0`).
-pub fn reprovm_vm_wrapped(tmp: &Path, wrapper: &[&str]) -> Command {
     let (pin, cache) = test_image();
-    let mut cmd = match wrapper {
-        [] => Command::new(env!("CARGO_BIN_EXE_reprovm")),
-        [program, args @ ..] => {
-            let mut c = Command::new(program);
-            c.args(args).arg(env!("CARGO_BIN_EXE_reprovm"));
-            c
-        }
-    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reprovm"));
     cmd.env("XDG_CACHE_HOME", cache).env("TMPDIR", tmp).env("REPROVM_IMAGE", pin).env_remove("REPROVM_QEMU");
     cmd
 }
@@ -188,6 +176,52 @@ pub fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration)
         }
     }
     panic!("no {needle:?} within {limit:?}; stderr so far: {seen:#?}");
+}
+
+/// Spawns `cmd`, a `reprovm build` (or `verify`) given `--progress json`:
+/// each line of its stdout, parsed, goes to the returned channel (a line
+/// that is not JSON as a `Value::String`, which [`wait_for_event`] rejects),
+/// and its whole stderr is what the returned thread ends with.
+pub fn spawn_with_events(cmd: &mut Command) -> (Spawned, mpsc::Receiver<serde_json::Value>, std::thread::JoinHandle<String>) {
+    let mut child = Spawned::new(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()));
+    let (stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line)));
+        }
+    });
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    (child, rx, stderr)
+}
+
+/// Waits for the `kind` event (`stage-begin`, `stage-end`) of `stage`
+/// (`source`, `boot`, `build`, `fetch`); returns the events seen. Fails on
+/// a stdout line that is not a JSON object with an `event`, on a result or
+/// error event first, and past `limit`.
+pub fn wait_for_event(rx: &mpsc::Receiver<serde_json::Value>, stage: &str, kind: &str, limit: Duration) -> Vec<serde_json::Value> {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while start.elapsed() < limit {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(event) => {
+                let what = event["event"].as_str().unwrap_or_else(|| panic!("not an event on stdout: {event}")).to_string();
+                let hit = what == kind && event["stage"] == stage;
+                seen.push(event);
+                if hit {
+                    return seen;
+                }
+                assert!(what != "result" && what != "error", "the build ended before {kind} {stage}: {seen:#?}");
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("stdout closed before {kind} {stage}: {seen:#?}"),
+        }
+    }
+    panic!("no {kind} {stage} within {limit:?}; events so far: {seen:#?}");
 }
 
 /// Sends `sig` to `child`.
