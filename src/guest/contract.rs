@@ -64,12 +64,12 @@ pub struct ScratchDirs {
 }
 
 /// `dir` (one of [`SCRATCH_DIRS`]) as the guest sees it.
-pub fn guest_path(dir: &str) -> String {
+fn guest_path(dir: &str) -> String {
     format!("{BUILD_ROOT}/{dir}")
 }
 
 /// The build's working directory in the guest.
-pub fn build_dir() -> String {
+fn build_dir() -> String {
     guest_path(SCRATCH_DIRS.src)
 }
 
@@ -103,7 +103,7 @@ pub fn definitions() -> String {
 }
 
 /// Quotes `s` for a POSIX shell.
-pub fn quote(s: &str) -> String {
+fn quote(s: &str) -> String {
     shlex::try_quote(s).map(|q| q.into_owned()).unwrap_or_else(|_| "''".into())
 }
 

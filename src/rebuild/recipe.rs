@@ -25,15 +25,12 @@ pub const DEFAULT_SCRATCH_MIB: u64 = 16384;
 /// Default limit for the build command.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;
 
-/// The most a recipe alone may ask of the host: (field, ceiling, the flag
-/// that goes beyond it). A recipe comes with the untrusted source; the
-/// command-line flags are the user's own choice and are not capped.
-pub const CEILINGS: [(&str, u64, &str); 4] = [
-    ("machine.cpus", 16, "--cpus"),
-    ("machine.memory_mib", 16_384, "--memory"),
-    ("machine.scratch_mib", 65_536, "--scratch"),
-    ("build.timeout_secs", 21_600, "--timeout"),
-];
+/// The most a recipe alone may ask of the host: (field, ceiling; the flag
+/// that goes beyond it is the field's in [`FLAG_FIELDS`]). A recipe comes
+/// with the untrusted source; the command-line flags are the user's own
+/// choice and are not capped.
+pub const CEILINGS: [(&str, u64); 4] =
+    [("machine.cpus", 16), ("machine.memory_mib", 16_384), ("machine.scratch_mib", 65_536), ("build.timeout_secs", 21_600)];
 
 /// The recipe fields a command-line flag sets: (field, flag). A flag's
 /// value gets the field's checks, and an error names the flag.
@@ -360,8 +357,9 @@ impl BuildRecipe {
             self.machine.scratch_mib,
             Some(self.build.timeout_secs),
         ];
-        for ((field, ceiling, flag), value) in CEILINGS.into_iter().zip(asked) {
+        for ((field, ceiling), value) in CEILINGS.into_iter().zip(asked) {
             if let Some(value) = value.filter(|v| *v > ceiling && !overridden(field)) {
+                let flag = FLAG_FIELDS.iter().find(|(f, _)| *f == field).map_or("its flag", |(_, flag)| flag);
                 return Err(BuildRecipeError::OverCeiling { path: path.to_path_buf(), field, value, ceiling, flag });
             }
         }
